@@ -1,0 +1,114 @@
+"""Series completion: decide when a series (or a study's group of series) is
+whole, route it, and queue one job for it.
+
+A series is complete when no instance arrived for its route's quiet period,
+when the instance count the data announced is reached, or when an operator
+says so.  Late instances reopen a series; the next completion queues a new
+job for the updated series.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+
+from dicom_node.config import Config, Route
+from dicom_node.observability.metrics import Metrics
+from dicom_node.route.router import RouteFacts, decide
+from dicom_node.store.db import SeriesRecord, Store
+
+__all__ = ["Completer", "read_header"]
+
+log = logging.getLogger("dicom_node.assemble")
+
+# Unrouted series still wait for quiet before we say so, to log once, not per instance.
+_UNROUTED_QUIET_S = 10.0
+
+
+def read_header(path: Path) -> Dataset:
+    return dcmread(path, stop_before_pixels=True)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    series: SeriesRecord
+    route: Route | None
+    reason: str
+
+
+class Completer:
+    def __init__(self, config: Config, store: Store, metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.spool_root = config.data_dir / "spool"
+
+    def run_once(self, now: float | None = None) -> list[int]:
+        """One pass over the receiving series; returns the ids of queued jobs."""
+        now = time.time() if now is None else now
+        pending = [self._route(s) for s in self.store.receiving_series()]
+        jobs: list[int] = []
+        by_study: dict[tuple[str, str], list[_Pending]] = defaultdict(list)
+        for p in pending:
+            if p.route is not None and p.route.group_by == "study":
+                by_study[(p.route.name, p.series.study_uid)].append(p)
+                continue
+            if self._is_due([p.series], p.route, now):
+                jobs += self._complete([p], p.series.series_uid, now)
+        for (_, study_uid), group in by_study.items():
+            if self._is_due([g.series for g in group], group[0].route, now):
+                jobs += self._complete(group, study_uid, now)
+        return jobs
+
+    def _route(self, series: SeriesRecord) -> _Pending:
+        instances = self.store.instances_of(series.series_uid)
+        if not instances:
+            return _Pending(series, None, "series has no instances")
+        try:
+            header = read_header(self.spool_root / instances[0].path)
+        except Exception as exc:  # noqa: BLE001 - a broken file must not stop completion
+            return _Pending(series, None, f"cannot read instance {instances[0].sop_uid}: {exc}")
+        facts = RouteFacts(header, calling_ae=series.calling_ae, called_ae=series.called_ae,
+                           instance_count=series.instance_count)
+        decision = decide(list(self.config.routes), facts)
+        return _Pending(series, decision.route, decision.reason)
+
+    @staticmethod
+    def _is_due(group: list[SeriesRecord], route: Route | None, now: float) -> bool:
+        if any(s.complete_requested for s in group):
+            return True
+        quiet = route.quiet_seconds if route is not None else _UNROUTED_QUIET_S
+        if now - max(s.last_at for s in group) >= quiet:
+            return True
+        if len(group) == 1 and route is not None and route.group_by == "series":
+            s = group[0]
+            return s.expected_count is not None and s.instance_count >= s.expected_count
+        return False
+
+    def _complete(self, group: list[_Pending], group_key: str, now: float) -> list[int]:
+        route = group[0].route
+        series = [g.series for g in group]
+        if route is None:
+            self.store.set_route(series[0].series_uid, None, group[0].reason)
+            self.store.complete_series(series, route=None, pipeline=None, model=None,
+                                       group_key=group_key, now=now)
+            self.metrics.series_unrouted.inc()
+            log.info("series %s complete (%d instances), unrouted: %s",
+                     series[0].series_uid, series[0].instance_count, group[0].reason)
+            return []
+        for s in series:
+            self.store.set_route(s.series_uid, route.name, None)
+        job_id = self.store.complete_series(series, route=route.name, pipeline=route.pipeline,
+                                            model=route.model, group_key=group_key, now=now)
+        if job_id is None:
+            return []  # an instance arrived meanwhile; its quiet period starts again
+        self.metrics.series_completed.labels(route=route.name).inc(len(series))
+        log.info("%s %s complete (%d series, %d instances): job %d on route %s",
+                 route.group_by, group_key, len(series), sum(s.instance_count for s in series),
+                 job_id, route.name)
+        return [job_id]

@@ -1,0 +1,100 @@
+"""What every result object carries: where it came from and what made it.
+
+IHE AI Results (AIR): algorithm identification (name, family, version) and a
+Contributing Equipment item naming the node and the model.  Result UIDs are
+derived from (source, pipeline, model version, role), so rerunning a job after
+a crash produces the same UIDs and a PACS replaces rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID, generate_uid
+
+from dicom_node import __version__
+from dicom_node.infer.manifest import ModelManifest
+
+__all__ = ["Provenance", "result_uid", "MANUFACTURER", "copy_patient_study"]
+
+MANUFACTURER = "dicom-node"
+DEVICE_NAME = "dicom-node AI inference node"
+
+# Patient and study modules copied verbatim into every result so the PACS files
+# it with its source.  Type 2 attributes are copied empty when absent.
+_PATIENT_STUDY = [
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "PatientAge", "PatientSize", "PatientWeight", "OtherPatientIDsSequence",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName", "StudyDescription", "IssuerOfAccessionNumberSequence",
+    "SpecificCharacterSet",
+]
+
+
+def result_uid(*parts: str) -> UID:
+    """A UID that is a pure function of its parts (2.25 form, from a hash)."""
+    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+
+
+def copy_patient_study(source: Dataset, target: Dataset) -> None:
+    for keyword in _PATIENT_STUDY:
+        if keyword in source:
+            target[keyword] = source[keyword]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The facts about one run of one model, shared by all its result objects."""
+
+    manifest: ModelManifest
+    pipeline: str
+    source_series_uid: str
+    provider: str
+
+    def uid(self, role: str, index: int | str = 0) -> UID:
+        return result_uid(self.source_series_uid, self.pipeline, self.manifest.name,
+                          self.manifest.version, role, str(index))
+
+    @property
+    def algorithm_name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def family(self) -> hd.sr.CodedConcept:
+        f = self.manifest.family
+        return hd.sr.CodedConcept(value=f.value, scheme_designator=f.scheme, meaning=f.meaning)
+
+    def algorithm_identification(self) -> hd.AlgorithmIdentificationSequence:
+        return hd.AlgorithmIdentificationSequence(
+            name=self.manifest.name, family=self.family, version=self.manifest.version,
+            source=MANUFACTURER, parameters={"pipeline": self.pipeline,
+                                             "execution_provider": self.provider})
+
+    def sr_algorithm(self) -> hd.sr.AlgorithmIdentification:
+        """TID 4019 Algorithm Identification, for SR measurement groups."""
+        return hd.sr.AlgorithmIdentification(
+            name=self.manifest.name, version=self.manifest.version,
+            parameters=[f"pipeline={self.pipeline}", f"execution_provider={self.provider}"],
+            family=self.family, manufacturer=MANUFACTURER)
+
+    def contributing_equipment(self) -> hd.ContributingEquipment:
+        return hd.ContributingEquipment(
+            manufacturer=MANUFACTURER,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=f"{self.manifest.name} {self.manifest.version}",
+            software_versions=[f"dicom-node {__version__}", f"{self.manifest.name} {self.manifest.version}"],
+            contribution_datetime=dt.datetime.now(),
+            contribution_description=f"{self.pipeline}: {self.manifest.description}"[:64],
+        )
+
+    @property
+    def device_uid(self) -> UID:
+        return result_uid(MANUFACTURER, "device", self.manifest.name, self.manifest.version)
+
+    @property
+    def description(self) -> str:
+        return f"{self.manifest.name} {self.manifest.version}"

@@ -1,0 +1,165 @@
+"""ONNX Runtime sessions: one per model, reused, on the best provider present.
+
+Loading checks the file's sha256 and the graph's inputs and outputs against
+the manifest, so a swapped or corrupted model fails loudly at start rather
+than producing plausible nonsense.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from dicom_node.errors import ModelLoadError
+from dicom_node.infer.manifest import ModelManifest, TensorSpec, load_manifest
+
+__all__ = ["OnnxModel", "ModelRegistry", "sha256_of", "choose_providers"]
+
+log = logging.getLogger("dicom_node.infer")
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)",
+              "int64": "tensor(int64)", "uint8": "tensor(uint8)"}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# onnxruntime prints its own multi-line errors when a GPU provider cannot
+# load; we say it once, in our log, instead.
+ort.set_default_logger_severity(4)
+
+_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+
+
+def _gpu_present() -> bool:
+    return Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def choose_providers(wanted: Sequence[str], device_id: int) -> list[str | tuple[str, dict]]:
+    """Keep the configured providers this onnxruntime build has and this host
+    can use, in order; the CPU provider is always last so inference never has
+    nowhere to run."""
+    available = set(ort.get_available_providers())
+    gpu = _gpu_present()
+    chosen: list[str | tuple[str, dict]] = []
+    for name in wanted:
+        if name not in available or name == "CPUExecutionProvider":
+            continue
+        if name in _GPU_PROVIDERS and not gpu:
+            continue
+        chosen.append((name, {"device_id": device_id}))
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+@dataclass
+class OnnxModel:
+    manifest: ModelManifest
+    path: Path
+    session: ort.InferenceSession
+    provider: str
+    _input_names: list[str] = field(default_factory=list)
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = outputs or [o.name for o in self.manifest.outputs]
+        values = self.session.run(names, inputs)
+        return dict(zip(names, values))
+
+    @property
+    def input_name(self) -> str:
+        return self.manifest.inputs[0].name
+
+    @classmethod
+    def load(cls, manifest_path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+             device_id: int = 0, intra_op_threads: int = 0) -> "OnnxModel":
+        manifest = load_manifest(manifest_path)
+        onnx_path = manifest_path.parent / manifest.onnx
+        if not onnx_path.is_file():
+            raise ModelLoadError(f"{manifest_path}: model file {onnx_path.name} not found")
+        digest = sha256_of(onnx_path)
+        if digest != manifest.sha256:
+            raise ModelLoadError(f"{onnx_path}: sha256 {digest} does not match the manifest's "
+                                 f"{manifest.sha256}; refusing to load a model that is not the one declared")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3
+        chosen = choose_providers(providers, device_id)
+        try:
+            session = ort.InferenceSession(str(onnx_path), options, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelLoadError(f"{onnx_path}: onnxruntime cannot load it: {exc}") from exc
+        _check_signature(onnx_path, manifest.inputs, session.get_inputs(), "input")
+        _check_signature(onnx_path, manifest.outputs, session.get_outputs(), "output")
+        provider = session.get_providers()[0]
+        wanted = providers[0] if providers else "CPUExecutionProvider"
+        if provider != wanted:
+            log.warning("model %s %s runs on %s (configured first: %s, not available here)",
+                        manifest.name, manifest.version, provider, wanted)
+        else:
+            log.info("model %s %s loaded on %s", manifest.name, manifest.version, provider)
+        return cls(manifest=manifest, path=onnx_path, session=session, provider=provider)
+
+
+def _check_signature(path: Path, declared: list[TensorSpec], actual: list, kind: str) -> None:
+    by_name = {a.name: a for a in actual}
+    for spec in declared:
+        node = by_name.get(spec.name)
+        if node is None:
+            raise ModelLoadError(f"{path}: graph has no {kind} {spec.name!r} "
+                                 f"(it has {sorted(by_name)})")
+        if node.type != _ORT_TYPES[spec.dtype]:
+            raise ModelLoadError(f"{path}: {kind} {spec.name!r} is {node.type}, manifest says {spec.dtype}")
+        shape = list(node.shape)
+        if len(shape) != len(spec.shape):
+            raise ModelLoadError(f"{path}: {kind} {spec.name!r} has rank {len(shape)}, "
+                                 f"manifest says {len(spec.shape)}")
+        for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+            if want is not None and isinstance(got, int) and got != want:
+                raise ModelLoadError(f"{path}: {kind} {spec.name!r} axis {axis} is {got}, "
+                                     f"manifest says {want}")
+
+
+class ModelRegistry:
+    """Manifests found in the models folder; sessions created on first use."""
+
+    def __init__(self, models_dir: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 device_id: int = 0, intra_op_threads: int = 0) -> None:
+        self.models_dir = models_dir
+        self.providers = list(providers)
+        self.device_id = device_id
+        self.intra_op_threads = intra_op_threads
+        self._loaded: dict[str, OnnxModel] = {}
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.models_dir.glob("*.yaml"))
+
+    def manifest(self, name: str) -> ModelManifest:
+        return load_manifest(self._manifest_path(name))
+
+    def get(self, name: str) -> OnnxModel:
+        model = self._loaded.get(name)
+        if model is None:
+            model = OnnxModel.load(self._manifest_path(name), self.providers, self.device_id,
+                                   self.intra_op_threads)
+            self._loaded[name] = model
+        return model
+
+    def _manifest_path(self, name: str) -> Path:
+        path = self.models_dir / f"{name}.yaml"
+        if not path.is_file():
+            raise ModelLoadError(f"no manifest {path.name} in {self.models_dir} "
+                                 f"(models there: {', '.join(self.names()) or 'none'})")
+        return path

@@ -1,0 +1,131 @@
+"""Decoded image stacks with their geometry, from single-frame or enhanced
+multi-frame datasets.
+
+Slices are ordered by position along the slice normal, never by
+InstanceNumber, and exact duplicate positions are dropped with a logged
+reason, because scanners and PACS send both.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import Dataset
+
+from dicom_node.errors import PipelineError
+
+__all__ = ["Slice", "Volume", "load_volume"]
+
+log = logging.getLogger("dicom_node.pipelines")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One image plane: its source dataset, frame number (1-based, multi-frame
+    sources) and geometry."""
+
+    dataset: Dataset
+    frame: int | None
+    position: np.ndarray  # ImagePositionPatient (mm)
+    orientation: np.ndarray  # row and column direction cosines (6,)
+    spacing: tuple[float, float]  # (row spacing, column spacing) mm
+    rescale: tuple[float, float]  # (slope, intercept)
+
+
+@dataclass(frozen=True)
+class Volume:
+    slices: list[Slice]
+    # Modality values (HU for CT), float32, (z, rows, columns).
+    values: np.ndarray
+
+    @property
+    def normal(self) -> np.ndarray:
+        o = self.slices[0].orientation
+        return np.cross(o[:3], o[3:])
+
+    @property
+    def slice_spacing(self) -> float:
+        """Mean spacing between slice centres along the normal (not SliceThickness)."""
+        if len(self.slices) < 2:
+            return float(self.slices[0].dataset.get("SliceThickness") or 1.0)
+        d = np.diff([float(np.dot(s.position, self.normal)) for s in self.slices])
+        return float(np.mean(np.abs(d)))
+
+    @property
+    def pixel_spacing(self) -> tuple[float, float]:
+        return self.slices[0].spacing
+
+
+def load_volume(datasets: list[Dataset], series_uid: str = "") -> Volume:
+    """Decode and sort a stack.  Raises PipelineError naming the series on
+    mixed orientations or sizes, or undecodable pixel data."""
+    planes = [s for ds in datasets for s in _planes(ds)]
+    if not planes:
+        raise PipelineError(f"series {series_uid}: no image planes")
+    ref = planes[0].orientation
+    for p in planes:
+        if not np.allclose(p.orientation, ref, atol=1e-3):
+            raise PipelineError(f"series {series_uid}: instances have different orientations")
+    normal = np.cross(ref[:3], ref[3:])
+    planes.sort(key=lambda p: float(np.dot(p.position, normal)))
+    kept: list[Slice] = []
+    for p in planes:
+        if kept and np.allclose(p.position, kept[-1].position, atol=1e-4):
+            log.warning("series %s: dropped instance %s frame %s, duplicate position of instance %s",
+                        series_uid, p.dataset.SOPInstanceUID, p.frame, kept[-1].dataset.SOPInstanceUID)
+            continue
+        kept.append(p)
+    arrays = [_values(p, series_uid) for p in kept]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise PipelineError(f"series {series_uid}: slices have different sizes {sorted(shapes)}")
+    return Volume(kept, np.stack(arrays).astype(np.float32))
+
+
+def _planes(ds: Dataset) -> list[Slice]:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+        out = []
+        for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence[:frames]):
+            pos = _group(item, shared, "PlanePositionSequence", "ImagePositionPatient")
+            ori = _group(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+            spc = _group(item, shared, "PixelMeasuresSequence", "PixelSpacing")
+            slope = _group(item, shared, "PixelValueTransformationSequence", "RescaleSlope", 1.0)
+            icpt = _group(item, shared, "PixelValueTransformationSequence", "RescaleIntercept", 0.0)
+            out.append(Slice(ds, i + 1, np.array(pos, float), np.array(ori, float),
+                             (float(spc[0]), float(spc[1])), (float(slope), float(icpt))))
+        return out
+    pos = ds.get("ImagePositionPatient")
+    ori = ds.get("ImageOrientationPatient")
+    spc = ds.get("PixelSpacing")
+    if pos is None or ori is None or spc is None:
+        raise PipelineError(f"instance {ds.get('SOPInstanceUID', '?')}: no image plane geometry "
+                            "(ImagePositionPatient, ImageOrientationPatient, PixelSpacing)")
+    rescale = (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+    return [Slice(ds, None, np.array(pos, float), np.array(ori, float),
+                  (float(spc[0]), float(spc[1])), rescale)]
+
+
+def _group(item: Dataset, shared: Dataset, seq: str, key: str, default: object = None) -> object:
+    for source in (item, shared):
+        if seq in source and len(source[seq].value) and key in source[seq][0]:
+            return source[seq][0][key].value
+    if default is None:
+        raise PipelineError(f"enhanced instance: no {seq}/{key} for a frame")
+    return default
+
+
+def _values(plane: Slice, series_uid: str) -> np.ndarray:
+    ds = plane.dataset
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom's decoders raise many types
+        raise PipelineError(f"series {series_uid}: cannot decode instance {ds.get('SOPInstanceUID', '?')} "
+                            f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
+    if plane.frame is not None:
+        pixels = pixels[plane.frame - 1] if pixels.ndim == 3 else pixels
+    slope, intercept = plane.rescale
+    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)

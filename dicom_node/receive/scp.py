@@ -1,0 +1,302 @@
+"""The DICOM SCP: C-ECHO and C-STORE of every storage SOP class.
+
+Handlers are thin: they get what they need through their arguments, persist,
+and return a status.  Success is answered only after the instance is fsync'd
+into the spool and recorded in the store.  Nothing here waits on inference.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.config import Config
+from dicom_node.observability.metrics import Metrics
+from dicom_node.store.db import InstanceRecord, Store
+from dicom_node.store.spool import Spool, is_valid_uid
+
+__all__ = ["Receiver", "STATUS", "supported_transfer_syntaxes", "storage_sop_classes"]
+
+log = logging.getLogger("dicom_node.receive")
+
+# C-STORE statuses (PS3.4 Annex B.2.3 and pynetdicom's storescp).
+STATUS = {
+    "success": 0x0000,
+    "out_of_resources": 0xA700,
+    "dataset_mismatch": 0xA900,
+    "cannot_understand": 0xC210,
+    "invalid_uid": 0xC211,
+    "processing_failure": 0x0110,
+}
+
+# Tags the receiver reads; the pixel data is never decoded here.
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                "Modality", "ImagesInAcquisition", "NumberOfSlices"]
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+_REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+
+
+def supported_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax pydicom knows: we store the bytes as sent, so the
+    only limit is what a pipeline can decode later."""
+    return [str(ts) for ts in AllTransferSyntaxes]
+
+
+def storage_sop_classes() -> list[str]:
+    return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+
+
+@dataclass(frozen=True)
+class _Header:
+    sop_class: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    expected_count: int | None
+
+
+class _NodeServer(ThreadedAssociationServer):
+    """pynetdicom's server with TCP_NODELAY on every accepted socket.
+
+    Without it a peer that also leaves Nagle on (dcmtk, Orthanc) stalls about
+    40 ms per instance on delayed ACKs.  SO_REUSEPORT lets several receiver
+    processes share one port.
+    """
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+class Receiver:
+    """Owns the pynetdicom AE and its server thread."""
+
+    def __init__(self, config: Config, store: Store, spool: Spool, metrics: Metrics,
+                 *, reuse_port: bool = False) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.metrics = metrics
+        self.reuse_port = reuse_port
+        self._server: _NodeServer | None = None
+        self._active = 0
+        self._lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self.config.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_pdu_size = node.max_pdu
+        ae.maximum_associations = node.max_associations
+        ae.network_timeout = node.network_timeout_s
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.network_timeout_s
+        syntaxes = supported_transfer_syntaxes()
+        ae.add_supported_context(Verification, syntaxes)
+        for uid in storage_sop_classes():
+            ae.add_supported_context(uid, syntaxes)
+        return ae
+
+    def start(self) -> tuple[str, int]:
+        node = self.config.node
+        if node.allow_any_caller:
+            log.warning("node.allow_any_caller is true: any calling AE may store to %s; "
+                        "list peers and set it to false in production", node.ae_title)
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        _NodeServer.reuse_port = self.reuse_port
+        server = self.ae.make_server((node.host, node.port), evt_handlers=handlers,
+                                     server_class=_NodeServer)
+        thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
+        self._server = server
+        host, port = server.server_address[:2]
+        log.info("listening for DICOM on %s:%d as %s", host, port, node.ae_title)
+        return host, port
+
+    def stop(self) -> None:
+        """Stop accepting associations and let the running ones finish."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return None if self._server is None else self._server.server_address[:2]
+
+    # -- association policy ---------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = str(rq.calling_ae_title).strip()
+        called = str(rq.called_ae_title).strip()
+        host = assoc.requestor.address
+        reason = self._refusal(calling, called, host)
+        if reason is None:
+            return
+        which, rsd = reason
+        log.warning("association from %s@%s to %s rejected: %s", calling, host, called, which)
+        self.metrics.associations.labels(result=f"rejected_{which}").inc()
+        assoc.acse.send_reject(*rsd)
+        assoc.kill()
+
+    def _refusal(self, calling: str, called: str, host: str) -> tuple[str, tuple[int, int, int]] | None:
+        node = self.config.node
+        if node.require_called_ae and called != node.ae_title:
+            return "called_ae", _REJECT_CALLED_AE
+        if node.allow_any_caller:
+            return None
+        peer = self.config.peer_by_ae(calling)
+        if peer is None or not peer.may_send:
+            return "calling_ae", _REJECT_CALLING_AE
+        if peer.check_host and not _same_host(peer.host, host):
+            return "calling_host", _REJECT_CALLING_AE
+        return None
+
+    def _on_established(self, event: evt.Event) -> None:
+        self.metrics.associations.labels(result="accepted").inc()
+        with self._lock:
+            self._active += 1
+            self.metrics.associations_active.set(self._active)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        if not event.assoc.is_established and not event.assoc.is_released and not event.assoc.is_aborted:
+            return
+        with self._lock:
+            self._active = max(0, self._active - 1)
+            self.metrics.associations_active.set(self._active)
+
+    # -- DIMSE ----------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS["success"]
+
+    def _on_store(self, event: evt.Event) -> int:
+        """Persist the instance exactly as sent and answer only when durable."""
+        request_uid = str(event.request.AffectedSOPInstanceUID or "")
+        try:
+            data = event.encoded_dataset()
+        except Exception as exc:  # noqa: BLE001 - edge of the stage: answer, never crash
+            return self._refuse(request_uid, "cannot_understand", f"cannot read encoded dataset: {exc}")
+        try:
+            header = _read_header(data)
+        except _BadInstance as exc:
+            return self._refuse(request_uid, exc.status, exc.reason)
+        if header.sop_uid != request_uid:
+            return self._refuse(request_uid, "dataset_mismatch",
+                                f"dataset SOP Instance UID {header.sop_uid} differs from the request's")
+        calling = str(event.assoc.requestor.ae_title).strip()
+        called = str(event.assoc.acceptor.ae_title).strip()
+        try:
+            path = self.spool.path_for(header.study_uid, header.series_uid, header.sop_uid)
+            self.spool.write(path, data)
+            replaced = self.store.record_instance(
+                InstanceRecord(sop_uid=header.sop_uid, sop_class=header.sop_class,
+                               study_uid=header.study_uid, series_uid=header.series_uid,
+                               transfer_syntax=str(event.context.transfer_syntax),
+                               path=str(path.relative_to(self.spool.root)), size=len(data)),
+                modality=header.modality, calling_ae=calling, called_ae=called,
+                expected_count=header.expected_count)
+        except OSError as exc:
+            why = "disk full" if exc.errno == errno.ENOSPC else f"cannot write: {exc.strerror}"
+            return self._refuse(request_uid, "out_of_resources", why)
+        except Exception as exc:  # noqa: BLE001 - sqlite errors and the like
+            return self._refuse(request_uid, "out_of_resources", f"cannot record: {exc}")
+        self.metrics.instances_received.labels(modality=_label(header.modality)).inc()
+        self.metrics.bytes_received.labels(modality=_label(header.modality)).inc(len(data))
+        if replaced:
+            self.metrics.duplicates.inc()
+            log.info("replaced instance %s of series %s", header.sop_uid, header.series_uid)
+        return STATUS["success"]
+
+    def _refuse(self, sop_uid: str, status: str, reason: str) -> int:
+        log.warning("refused instance %s: %s (status 0x%04X)", sop_uid or "<none>", reason, STATUS[status])
+        self.metrics.store_failures.labels(status=f"0x{STATUS[status]:04X}").inc()
+        return STATUS[status]
+
+
+class _BadInstance(Exception):
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _read_header(data: bytes) -> _Header:
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        values = {tag: ds.get(tag) for tag in _HEADER_TAGS}
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError,
+            NotImplementedError, OverflowError) as exc:
+        raise _BadInstance("cannot_understand", f"unparseable dataset: {exc}") from exc
+    for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
+        value = values[key]
+        if value is None or not is_valid_uid(str(value)):
+            raise _BadInstance("invalid_uid", f"missing or invalid {key} {str(value)!r:.80}")
+    return _Header(
+        sop_class=str(values["SOPClassUID"]), sop_uid=str(values["SOPInstanceUID"]),
+        study_uid=str(values["StudyInstanceUID"]), series_uid=str(values["SeriesInstanceUID"]),
+        modality=str(values["Modality"] or ""),
+        expected_count=_positive_int(values["ImagesInAcquisition"]) or _positive_int(values["NumberOfSlices"]),
+    )
+
+
+def _positive_int(value: object) -> int | None:
+    try:
+        n = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return n if n > 0 else None
+
+
+_MODALITIES = {"CT", "MR", "CR", "DX", "MG", "US", "NM", "PT", "XA", "RF", "OT", "SC", "SR",
+               "SEG", "PR", "KO", "DOC", "IO", "PX", "ES", "XC", "OP", "RTIMAGE", "RTSTRUCT",
+               "RTPLAN", "RTDOSE", "REG"}
+
+
+def _label(modality: str) -> str:
+    """Bound metric label cardinality: unknown modalities collapse to 'other'."""
+    return modality if modality in _MODALITIES else "other"
+
+
+def _same_host(configured: str, actual: str) -> bool:
+    if configured == actual:
+        return True
+    try:
+        return actual in {info[4][0] for info in socket.getaddrinfo(configured, None)}
+    except OSError:
+        return False
+
+

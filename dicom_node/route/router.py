@@ -1,0 +1,136 @@
+"""Routing: which route (pipeline, model, destinations) a series goes to.
+
+Deciding does no I/O: it takes the first instance's header and the
+association's facts, and returns the decision with the reason each rule
+matched or did not, so ``dicom-node route test`` can explain itself.
+The first route whose conditions all hold wins.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pydicom import Dataset
+from pydicom.multival import MultiValue
+
+from dicom_node.config import Match, Route
+
+__all__ = ["RouteFacts", "RuleOutcome", "Decision", "decide", "CONTEXT_KEYS"]
+
+# Facts about the association and the series rather than the dataset.
+CONTEXT_KEYS = ("CallingAE", "CalledAE", "InstanceCount")
+
+
+@dataclass(frozen=True)
+class RouteFacts:
+    header: Dataset
+    calling_ae: str = ""
+    called_ae: str = ""
+    instance_count: int = 1
+
+    def value(self, keyword: str) -> Any:
+        if keyword == "CallingAE":
+            return self.calling_ae
+        if keyword == "CalledAE":
+            return self.called_ae
+        if keyword == "InstanceCount":
+            return self.instance_count
+        return self.header.get(keyword)
+
+
+@dataclass(frozen=True)
+class RuleOutcome:
+    route: str
+    matched: bool
+    # For a miss: the first condition that failed and why.
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    route: Route | None
+    outcomes: tuple[RuleOutcome, ...]
+
+    @property
+    def reason(self) -> str:
+        if self.route is not None:
+            return f"matched route {self.route.name}"
+        if not self.outcomes:
+            return "no routes configured"
+        return "; ".join(f"{o.route}: {o.reason}" for o in self.outcomes)
+
+
+def decide(routes: list[Route], facts: RouteFacts) -> Decision:
+    outcomes: list[RuleOutcome] = []
+    chosen: Route | None = None
+    for route in routes:
+        miss = _first_miss(route.match, facts)
+        outcomes.append(RuleOutcome(route.name, miss is None, miss or "all conditions hold"))
+        if miss is None and chosen is None:
+            chosen = route
+    return Decision(chosen, tuple(outcomes))
+
+
+def _first_miss(conditions: list[Match], facts: RouteFacts) -> str | None:
+    for cond in conditions:
+        value = facts.value(cond.keyword)
+        ok, why = _check(cond, value)
+        if not ok:
+            return f"{cond.keyword} {why}"
+    return None
+
+
+def _values(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [str(v).strip() for v in value]
+    return [str(value).strip()]
+
+
+def _check(cond: Match, value: Any) -> tuple[bool, str]:
+    present = value is not None and _values(value) != [""]
+    if cond.present is not None:
+        return present == cond.present, f"is {'present' if present else 'absent'}"
+    if not present:
+        return False, "is absent"
+    text = "\\".join(_values(value))
+    if cond.equals is not None:
+        return _equal(value, cond.equals), f"is {text!r}, not {cond.equals!r}"
+    if cond.one_of is not None:
+        return any(_equal(value, v) for v in cond.one_of), f"is {text!r}, not one of {cond.one_of!r}"
+    if cond.regex is not None:
+        return bool(re.search(cond.regex, text)), f"{text!r} does not match /{cond.regex}/"
+    if cond.contains is not None:
+        wanted = cond.contains.upper()
+        return wanted in (v.upper() for v in _values(value)), f"{text!r} does not contain {cond.contains!r}"
+    assert cond.range is not None  # Match's validator guarantees one operator
+    number = _number(value)
+    if number is None:
+        return False, f"{text!r} is not a number"
+    low_ok = cond.range.min is None or number >= cond.range.min
+    high_ok = cond.range.max is None or number <= cond.range.max
+    return low_ok and high_ok, f"{number:g} is outside [{cond.range.min}, {cond.range.max}]"
+
+
+def _equal(value: Any, wanted: str | float) -> bool:
+    values = _values(value)
+    if len(values) != 1:
+        return False
+    if isinstance(wanted, (int, float)) and not isinstance(wanted, bool):
+        number = _number(value)
+        return number is not None and number == float(wanted)
+    return values[0] == str(wanted)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(_values(value)[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def describe(decision: Decision) -> Mapping[str, str]:
+    return {o.route: ("MATCH" if o.matched else f"no: {o.reason}") for o in decision.outcomes}

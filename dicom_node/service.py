@@ -1,0 +1,204 @@
+"""``dicom-node serve``: one process that receives, completes, routes and
+sends, plus worker processes that run the pipelines.
+
+Stages talk through the store, so the same pieces could run one process per
+role; this is the embedded default: one command, one data dir, nothing else
+to install.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+
+from prometheus_client import CollectorRegistry
+
+from dicom_node.assemble.completer import Completer
+from dicom_node.config import Config
+from dicom_node.errors import DicomNodeError
+from dicom_node.infer.engine import ModelRegistry, sha256_of
+from dicom_node.observability.http import HealthServer
+from dicom_node.observability.logs import setup_logging
+from dicom_node.observability.metrics import Metrics, StoreCollector
+from dicom_node.receive.scp import Receiver
+from dicom_node.send.outbox import Dispatcher
+from dicom_node.store.db import Store
+from dicom_node.store.spool import Spool
+
+__all__ = ["Node", "worker_main"]
+
+log = logging.getLogger("dicom_node.service")
+
+# Free space below this on the data dir makes the node not ready.
+_MIN_FREE_BYTES = 512 * 1024 * 1024
+
+
+def worker_main(config: Config, name: str, log_level: str, json_logs: bool) -> None:
+    """Entry point of a worker process."""
+    from dicom_node.worker import Worker
+
+    setup_logging(log_level, json_logs)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    store = Store(config.data_dir / "node.db")
+    Worker(config, store, name).run_forever(stop)
+
+
+@dataclass
+class _WorkerSlot:
+    name: str
+    process: BaseProcess | None = None
+    restarts: int = 0
+    last_start: float = 0.0
+
+
+@dataclass
+class Node:
+    config: Config
+    log_level: str = "INFO"
+    json_logs: bool = False
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        data = self.config.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = Store(data / "node.db")
+        self.spool = Spool(data / "spool")
+        self.metrics = Metrics(self.registry)
+        self.registry.register(StoreCollector(self.store, data))
+        self.receiver = Receiver(self.config, self.store, self.spool, self.metrics)
+        self.completer = Completer(self.config, self.store, self.metrics)
+        self.dispatcher = Dispatcher(self.config, self.store, self.metrics)
+        self.stop_event = threading.Event()
+        self.model_problems: dict[str, str] = {}
+        self._threads: list[threading.Thread] = []
+        self._workers = [_WorkerSlot(f"worker-{i}") for i in range(self.config.node.workers)]
+        self._ctx = mp.get_context("spawn")
+        self.http = HealthServer(self.config.node.http.host, self.config.node.http.port,
+                                 self.registry, self._checks())
+
+    # -- start and stop --------------------------------------------------------
+
+    def start(self) -> None:
+        removed = self.spool.clean_temporary()
+        if removed:
+            log.info("removed %d partial files left by an interrupted write", removed)
+        requeued = self.store.requeue_running(max_attempts=self.config.jobs.max_attempts,
+                                              reason="node stopped while the job ran")
+        if requeued:
+            log.info("requeued %d jobs interrupted by the last stop: %s", len(requeued), requeued)
+        self._check_models()
+        self.receiver.start()
+        self.http.start()
+        self._spawn_thread("completer", self._complete_loop)
+        self._spawn_thread("outbox", lambda: self.dispatcher.run_forever(self.stop_event))
+        for slot in self._workers:
+            self._start_worker(slot)
+
+    def _spawn_thread(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+        self.start()
+        while not self.stop_event.wait(1.0):
+            self._supervise()
+        self.shutdown()
+
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        log.info("stopping: no new associations; waiting for running jobs (up to %.0f s)", grace_s)
+        self.stop_event.set()
+        self.receiver.stop()
+        for slot in self._workers:
+            if slot.process is not None and slot.process.is_alive():
+                slot.process.terminate()  # SIGTERM: the worker ends after its current job
+        deadline = time.time() + grace_s
+        for slot in self._workers:
+            if slot.process is not None:
+                slot.process.join(max(0.1, deadline - time.time()))
+                if slot.process.is_alive():
+                    slot.process.kill()
+                    slot.process.join(5)
+        requeued = self.store.requeue_running(max_attempts=self.config.jobs.max_attempts + 1)
+        if requeued:
+            log.info("requeued %d unfinished jobs for the next start", len(requeued))
+        for thread in self._threads:
+            thread.join(5)
+        self.http.stop()
+        log.info("stopped")
+
+    # -- loops -----------------------------------------------------------------
+
+    def _complete_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.completer.run_once()
+            except Exception:  # noqa: BLE001 - edge of the stage: log and go on
+                log.exception("completion pass failed; retrying")
+            self.stop_event.wait(0.5)
+
+    def _start_worker(self, slot: _WorkerSlot) -> None:
+        proc = self._ctx.Process(target=worker_main, name=slot.name,
+                                 args=(self.config, slot.name, self.log_level, self.json_logs))
+        proc.start()
+        slot.process = proc
+        slot.last_start = time.time()
+
+    def _supervise(self) -> None:
+        for slot in self._workers:
+            proc = slot.process
+            if proc is None or proc.is_alive() or self.stop_event.is_set():
+                continue
+            log.error("%s died (exit code %s); its running job goes back to the queue",
+                      slot.name, proc.exitcode)
+            self.store.requeue_running(slot.name, self.config.jobs.max_attempts,
+                                       reason=f"worker died (exit code {proc.exitcode})")
+            slot.restarts += 1
+            self._start_worker(slot)
+
+    # -- readiness ---------------------------------------------------------------
+
+    def _check_models(self) -> None:
+        inf = self.config.inference
+        registry = ModelRegistry(self.config.models_dir, inf.providers, inf.device_id)
+        for name in sorted({r.model for r in self.config.routes}):
+            try:
+                manifest = registry.manifest(name)
+                path = self.config.models_dir / manifest.onnx
+                if sha256_of(path) != manifest.sha256:
+                    raise DicomNodeError(f"{path}: sha256 does not match the manifest")
+            except (DicomNodeError, OSError) as exc:
+                self.model_problems[name] = str(exc)
+                log.error("model %s cannot be used: %s; its routes' jobs will fail", name, exc)
+
+    def _checks(self) -> dict:
+        def store() -> str | None:
+            self.store.check_writable()
+            return None
+
+        def models() -> str | None:
+            return "; ".join(f"{k}: {v}" for k, v in self.model_problems.items()) or None
+
+        def disk() -> str | None:
+            free = shutil.disk_usage(self.config.data_dir).free
+            return None if free >= _MIN_FREE_BYTES else f"{free} bytes free, below {_MIN_FREE_BYTES}"
+
+        def dicom() -> str | None:
+            return None if self.receiver.address else "DICOM port not listening"
+
+        def workers() -> str | None:
+            dead = [s.name for s in self._workers if s.process is None or not s.process.is_alive()]
+            return f"not running: {', '.join(dead)}" if dead else None
+
+        return {"store": store, "models": models, "disk": disk, "dicom": dicom, "workers": workers}

@@ -1,0 +1,482 @@
+"""The embedded SQLite store: instances, series, jobs, outbox.
+
+Every arrow of the flow that crosses a process or a restart goes through this
+database, so a crash anywhere loses nothing and repeats nothing that already
+finished.  WAL mode lets the receiver, the workers and the sender write
+concurrently; ``synchronous=FULL`` makes a commit durable before we answer a
+C-STORE with Success.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+__all__ = [
+    "Store",
+    "InstanceRecord",
+    "SeriesRecord",
+    "Job",
+    "OutboxItem",
+]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid        TEXT PRIMARY KEY,
+    sop_class      TEXT NOT NULL,
+    study_uid      TEXT NOT NULL,
+    series_uid     TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path           TEXT NOT NULL,
+    size           INTEGER NOT NULL,
+    calling_ae     TEXT NOT NULL,
+    called_ae      TEXT NOT NULL,
+    received_at    REAL NOT NULL,
+    replaced       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+
+CREATE TABLE IF NOT EXISTS series (
+    series_uid     TEXT PRIMARY KEY,
+    study_uid      TEXT NOT NULL,
+    modality       TEXT NOT NULL DEFAULT '',
+    calling_ae     TEXT NOT NULL,
+    called_ae      TEXT NOT NULL,
+    first_at       REAL NOT NULL,
+    last_at        REAL NOT NULL,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    expected_count INTEGER,
+    -- receiving -> complete; a late instance puts it back to receiving
+    state          TEXT NOT NULL DEFAULT 'receiving',
+    generation     INTEGER NOT NULL DEFAULT 0,
+    route          TEXT,
+    unrouted_reason TEXT,
+    completed_at   REAL,
+    -- set by `dicom-node complete`: complete at the next pass, quiet or not
+    complete_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    route          TEXT NOT NULL,
+    pipeline       TEXT NOT NULL,
+    model          TEXT NOT NULL,
+    group_key      TEXT NOT NULL,
+    series_uids    TEXT NOT NULL,
+    generation     INTEGER NOT NULL,
+    calling_ae     TEXT NOT NULL,
+    -- queued -> running -> done | failed | skipped
+    state          TEXT NOT NULL DEFAULT 'queued',
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    worker         TEXT,
+    reason         TEXT,
+    created_at     REAL NOT NULL,
+    started_at     REAL,
+    finished_at    REAL,
+    completed_at   REAL NOT NULL,
+    UNIQUE(route, group_key, generation)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id         INTEGER NOT NULL REFERENCES jobs(id),
+    destination    TEXT NOT NULL,
+    path           TEXT NOT NULL,
+    sop_uid        TEXT NOT NULL,
+    sop_class      TEXT NOT NULL,
+    -- pending -> sent | dead
+    state          TEXT NOT NULL DEFAULT 'pending',
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    next_at        REAL NOT NULL,
+    created_at     REAL NOT NULL,
+    sent_at        REAL,
+    last_error     TEXT,
+    UNIQUE(destination, sop_uid, job_id)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_at);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_uid: str
+    sop_class: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    series_uid: str
+    study_uid: str
+    modality: str
+    calling_ae: str
+    called_ae: str
+    first_at: float
+    last_at: float
+    instance_count: int
+    expected_count: int | None
+    state: str
+    generation: int
+    route: str | None
+    unrouted_reason: str | None
+    complete_requested: int
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    route: str
+    pipeline: str
+    model: str
+    group_key: str
+    series_uids: tuple[str, ...]
+    generation: int
+    calling_ae: str
+    state: str
+    attempts: int
+    reason: str | None
+    completed_at: float
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    job_id: int
+    destination: str
+    path: str
+    sop_uid: str
+    sop_class: str
+    state: str
+    attempts: int
+    next_at: float
+    created_at: float
+    last_error: str | None
+
+
+class Store:
+    """A connection per thread to one SQLite file.
+
+    Methods are small transactions named after the step of the flow that uses
+    them.  ``BEGIN IMMEDIATE`` takes the write lock up front, so two workers
+    can never claim the same job.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        # executescript manages its own transaction.
+        self._conn().executescript(_SCHEMA)
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def check_writable(self) -> None:
+        """Raise if the database cannot take a write (for readiness)."""
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS _probe (x)")
+
+    # -- receive ----------------------------------------------------------------
+
+    def record_instance(self, rec: InstanceRecord, *, modality: str, calling_ae: str,
+                        called_ae: str, expected_count: int | None,
+                        now: float | None = None) -> bool:
+        """Record a stored instance and touch its series.  Returns True if the
+        SOP Instance UID was already known (the file was replaced)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            old = db.execute("SELECT series_uid FROM instances WHERE sop_uid=?",
+                             (rec.sop_uid,)).fetchone()
+            db.execute(
+                """INSERT INTO instances (sop_uid, sop_class, study_uid, series_uid,
+                       transfer_syntax, path, size, calling_ae, called_ae, received_at)
+                   VALUES (?,?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT(sop_uid) DO UPDATE SET sop_class=excluded.sop_class,
+                       study_uid=excluded.study_uid, series_uid=excluded.series_uid,
+                       transfer_syntax=excluded.transfer_syntax, path=excluded.path,
+                       size=excluded.size, calling_ae=excluded.calling_ae,
+                       called_ae=excluded.called_ae, received_at=excluded.received_at,
+                       replaced=replaced+1""",
+                (rec.sop_uid, rec.sop_class, rec.study_uid, rec.series_uid,
+                 rec.transfer_syntax, rec.path, rec.size, calling_ae, called_ae, now))
+            if old is not None and old["series_uid"] != rec.series_uid:
+                self._recount(db, old["series_uid"], now)
+            db.execute(
+                """INSERT INTO series (series_uid, study_uid, modality, calling_ae, called_ae,
+                       first_at, last_at, instance_count, expected_count)
+                   VALUES (?,?,?,?,?,?,?,0,?)
+                   ON CONFLICT(series_uid) DO UPDATE SET last_at=excluded.last_at,
+                       calling_ae=excluded.calling_ae, called_ae=excluded.called_ae,
+                       expected_count=COALESCE(excluded.expected_count, expected_count),
+                       -- a late instance reopens a completed series: a new job follows
+                       generation=generation + (state='complete'),
+                       state='receiving'""",
+                (rec.series_uid, rec.study_uid, modality, calling_ae, called_ae,
+                 now, now, expected_count))
+            self._recount(db, rec.series_uid, now)
+        return old is not None
+
+    @staticmethod
+    def _recount(db: sqlite3.Connection, series_uid: str, now: float) -> None:
+        db.execute("""UPDATE series SET instance_count=(SELECT COUNT(*) FROM instances
+                      WHERE series_uid=?) WHERE series_uid=?""", (series_uid, series_uid))
+
+    def instance_paths(self) -> set[str]:
+        return {r["path"] for r in self._conn().execute("SELECT path FROM instances")}
+
+    def instances_of(self, series_uid: str) -> list[InstanceRecord]:
+        rows = self._conn().execute(
+            """SELECT sop_uid, sop_class, study_uid, series_uid, transfer_syntax, path, size
+               FROM instances WHERE series_uid=? ORDER BY received_at, sop_uid""",
+            (series_uid,)).fetchall()
+        return [InstanceRecord(**dict(r)) for r in rows]
+
+    def instance(self, sop_uid: str) -> InstanceRecord | None:
+        row = self._conn().execute(
+            """SELECT sop_uid, sop_class, study_uid, series_uid, transfer_syntax, path, size
+               FROM instances WHERE sop_uid=?""", (sop_uid,)).fetchone()
+        return InstanceRecord(**dict(row)) if row else None
+
+    def count_instances(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+
+    # -- complete and route -----------------------------------------------------
+
+    def receiving_series(self) -> list[SeriesRecord]:
+        rows = self._conn().execute("SELECT * FROM series WHERE state='receiving'").fetchall()
+        return [_series(r) for r in rows]
+
+    def series(self, series_uid: str) -> SeriesRecord | None:
+        row = self._conn().execute("SELECT * FROM series WHERE series_uid=?",
+                                   (series_uid,)).fetchone()
+        return _series(row) if row else None
+
+    def series_of_study(self, study_uid: str) -> list[SeriesRecord]:
+        rows = self._conn().execute("SELECT * FROM series WHERE study_uid=?",
+                                    (study_uid,)).fetchall()
+        return [_series(r) for r in rows]
+
+    def request_completion(self, series_uid: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("""UPDATE series SET complete_requested=1
+                                WHERE series_uid=? AND state='receiving'""", (series_uid,))
+        return cur.rowcount == 1
+
+    def set_route(self, series_uid: str, route: str | None, reason: str | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE series SET route=?, unrouted_reason=? WHERE series_uid=?",
+                       (route, reason, series_uid))
+
+    def complete_series(self, series: list[SeriesRecord], *, route: str | None,
+                        pipeline: str | None, model: str | None, group_key: str,
+                        now: float | None = None) -> int | None:
+        """Mark series complete and, when routed, queue one job for them, in one
+        transaction.  A series that received an instance since it was read is
+        left alone (its quiet period starts again).  Returns the job id."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            for s in series:
+                row = db.execute("SELECT last_at, generation, state FROM series WHERE series_uid=?",
+                                 (s.series_uid,)).fetchone()
+                if row is None or row["last_at"] != s.last_at or row["state"] != "receiving":
+                    return None
+            uids = sorted(s.series_uid for s in series)
+            for uid in uids:
+                db.execute("""UPDATE series SET state='complete', completed_at=?,
+                              complete_requested=0 WHERE series_uid=?""", (now, uid))
+            if route is None:
+                return None
+            generation = sum(s.generation for s in series)
+            cur = db.execute(
+                """INSERT INTO jobs (route, pipeline, model, group_key, series_uids, generation,
+                       calling_ae, created_at, completed_at)
+                   VALUES (?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT(route, group_key, generation) DO UPDATE SET
+                       series_uids=excluded.series_uids, state='queued', attempts=0,
+                       reason=NULL, completed_at=excluded.completed_at
+                   RETURNING id""",
+                (route, pipeline, model, group_key, json.dumps(uids), generation,
+                 series[0].calling_ae, now, now))
+            return int(cur.fetchone()[0])
+
+    # -- jobs -------------------------------------------------------------------
+
+    def claim_job(self, worker: str, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                """UPDATE jobs SET state='running', worker=?, started_at=?, attempts=attempts+1
+                   WHERE id=(SELECT id FROM jobs WHERE state='queued' ORDER BY id LIMIT 1)
+                   RETURNING *""", (worker, now)).fetchone()
+        return _job(row) if row else None
+
+    def finish_job(self, job_id: int, state: str, reason: str | None = None,
+                   results: list[tuple[str, str, str, str]] = (),
+                   now: float | None = None) -> None:
+        """End a job.  ``results`` are (destination, path, sop_uid, sop_class) rows
+        queued in the outbox in the same transaction, so a crash either keeps
+        both or neither."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state=?, reason=?, finished_at=? WHERE id=?",
+                       (state, reason, now, job_id))
+            db.executemany(
+                """INSERT INTO outbox (job_id, destination, path, sop_uid, sop_class,
+                       next_at, created_at) VALUES (?,?,?,?,?,?,?)
+                   ON CONFLICT(destination, sop_uid, job_id) DO UPDATE SET
+                       path=excluded.path, state='pending', attempts=0,
+                       next_at=excluded.next_at""",
+                [(job_id, d, p, u, c, now, now) for d, p, u, c in results])
+
+    def requeue_running(self, worker: str | None = None, max_attempts: int = 3,
+                        reason: str = "worker stopped") -> list[int]:
+        """Put running jobs back in the queue (after a crash or a dead worker);
+        jobs that already used ``max_attempts`` fail with ``reason``."""
+        now = time.time()
+        where = "state='running'" + (" AND worker=?" if worker else "")
+        args: tuple = (worker,) if worker else ()
+        with self._tx() as db:
+            rows = db.execute(f"SELECT id, attempts FROM jobs WHERE {where}", args).fetchall()
+            for row in rows:
+                if row["attempts"] >= max_attempts:
+                    db.execute("UPDATE jobs SET state='failed', reason=?, finished_at=? WHERE id=?",
+                               (f"{reason} after {row['attempts']} attempts", now, row["id"]))
+                else:
+                    db.execute("UPDATE jobs SET state='queued', worker=NULL WHERE id=?",
+                               (row["id"],))
+        return [r["id"] for r in rows]
+
+    def job(self, job_id: int) -> Job | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list[Job]:
+        if state:
+            rows = self._conn().execute("SELECT * FROM jobs WHERE state=? ORDER BY id DESC LIMIT ?",
+                                        (state, limit)).fetchall()
+        else:
+            rows = self._conn().execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?",
+                                        (limit,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        rows = self._conn().execute(
+            "SELECT pipeline, state, COUNT(*) AS n FROM jobs GROUP BY pipeline, state").fetchall()
+        return {(r["pipeline"], r["state"]): r["n"] for r in rows}
+
+    def oldest_queued_at(self) -> float | None:
+        row = self._conn().execute(
+            "SELECT MIN(created_at) FROM jobs WHERE state='queued'").fetchone()
+        return row[0]
+
+    def requeue_job(self, job_id: int) -> bool:
+        with self._tx() as db:
+            cur = db.execute("""UPDATE jobs SET state='queued', attempts=0, reason=NULL, worker=NULL
+                                WHERE id=? AND state IN ('failed','done','skipped')""", (job_id,))
+        return cur.rowcount == 1
+
+    # -- outbox -----------------------------------------------------------------
+
+    def due_outbox(self, now: float | None = None, limit: int = 500) -> list[OutboxItem]:
+        now = time.time() if now is None else now
+        rows = self._conn().execute(
+            """SELECT * FROM outbox WHERE state='pending' AND next_at<=?
+               ORDER BY destination, next_at, id LIMIT ?""", (now, limit)).fetchall()
+        return [_outbox(r) for r in rows]
+
+    def mark_sent(self, item_ids: list[int], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.executemany("""UPDATE outbox SET state='sent', sent_at=?, attempts=attempts+1,
+                              last_error=NULL WHERE id=?""", [(now, i) for i in item_ids])
+
+    def mark_retry(self, item_id: int, next_at: float, error: str) -> None:
+        with self._tx() as db:
+            db.execute("""UPDATE outbox SET attempts=attempts+1, next_at=?, last_error=?
+                          WHERE id=?""", (next_at, error, item_id))
+
+    def mark_dead(self, item_id: int, error: str) -> None:
+        with self._tx() as db:
+            db.execute("""UPDATE outbox SET state='dead', attempts=attempts+1, last_error=?
+                          WHERE id=?""", (error, item_id))
+
+    def retry_dead(self, destination: str | None = None) -> int:
+        now = time.time()
+        with self._tx() as db:
+            if destination:
+                cur = db.execute("""UPDATE outbox SET state='pending', next_at=?, attempts=0,
+                                    created_at=? WHERE state='dead' AND destination=?""",
+                                 (now, now, destination))
+            else:
+                cur = db.execute("""UPDATE outbox SET state='pending', next_at=?, attempts=0,
+                                    created_at=? WHERE state='dead'""", (now, now))
+        return cur.rowcount
+
+    def outbox_items(self, job_id: int | None = None) -> list[OutboxItem]:
+        if job_id is None:
+            rows = self._conn().execute("SELECT * FROM outbox ORDER BY id").fetchall()
+        else:
+            rows = self._conn().execute("SELECT * FROM outbox WHERE job_id=? ORDER BY id",
+                                        (job_id,)).fetchall()
+        return [_outbox(r) for r in rows]
+
+    def outbox_counts(self) -> dict[tuple[str, str], int]:
+        rows = self._conn().execute(
+            "SELECT destination, state, COUNT(*) AS n FROM outbox GROUP BY destination, state"
+        ).fetchall()
+        return {(r["destination"], r["state"]): r["n"] for r in rows}
+
+
+def _series(row: sqlite3.Row) -> SeriesRecord:
+    return SeriesRecord(**{k: row[k] for k in SeriesRecord.__dataclass_fields__})
+
+
+def _job(row: sqlite3.Row) -> Job:
+    data = {k: row[k] for k in Job.__dataclass_fields__ if k != "series_uids"}
+    return Job(series_uids=tuple(json.loads(row["series_uids"])), **data)
+
+
+def _outbox(row: sqlite3.Row) -> OutboxItem:
+    return OutboxItem(**{k: row[k] for k in OutboxItem.__dataclass_fields__})

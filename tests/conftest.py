@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import NodeProcess, Orthanc, require_tools
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A missing peer is a broken set-up, never a skipped test.
+    require_tools()
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path):
+    nodes: list[NodeProcess] = []
+
+    def make(name: str = "node", **kwargs) -> NodeProcess:
+        node = NodeProcess(tmp_path / name, **kwargs)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.kill9()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    yield pacs
+    pacs.stop()
