@@ -61,7 +61,7 @@ def test_ct_series_round_trip_to_orthanc(node_factory, orthanc, tmp_path):
 
 
 def test_kill9_mid_series_and_mid_job_loses_nothing(node_factory, orthanc, tmp_path):
-    node = _pacs_node(node_factory, orthanc, quiet_seconds=3).start()
+    node = _pacs_node(node_factory, orthanc, quiet_seconds=6).start()
     files = write_ct_series(tmp_path / "in", n=N, size=128, seed="kill")
     storescu(node.port, files[: N // 2])
     node.kill9()  # after half the series was acknowledged
@@ -69,12 +69,14 @@ def test_kill9_mid_series_and_mid_job_loses_nothing(node_factory, orthanc, tmp_p
     assert node.store().count_instances() == N // 2
     storescu(node.port, files[N // 2:])
     store = node.store()
-    # Kill again as soon as the job is running.
-    wait_for(lambda: any(j.state in ("running", "done") for j in store.jobs()), 60, 0.02, "job running")
+    # Kill again while the job runs.
+    wait_for(lambda: any(j.state == "running" for j in store.jobs()), 60, 0.005, "job running")
     node.kill9()
     node.start()
     instances = _results_in(orthanc)
-    wait_for(lambda: all(j.state == "done" for j in store.jobs()), 60, what="job done")
+    [job] = wait_for(lambda: (lambda j: j if j and j[0].state == "done" else None)(store.jobs()), 60,
+                     what="job done")
+    assert job.attempts == 2, "the interrupted job should have run again"
     assert store.count_instances() == N
     # Deterministic UIDs: a rerun replaces, Orthanc holds exactly one result set.
     assert len({i["MainDicomTags"]["SOPInstanceUID"] for i in instances}) == N + 1

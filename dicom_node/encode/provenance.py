@@ -9,12 +9,13 @@ a crash produces the same UIDs and a PACS replaces rather than duplicates.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 
 from dicom_node import __version__
 from dicom_node.infer.manifest import ModelManifest
@@ -36,8 +37,11 @@ _PATIENT_STUDY = [
 
 
 def result_uid(*parts: str) -> UID:
-    """A UID that is a pure function of its parts (2.25 form, from a hash)."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A UID that is a pure function of its parts: 2.25 form (PS3.5 B.2) from
+    the first 128 bits of a SHA-256.  (pydicom's generate_uid ignores its
+    entropy sources when the prefix is None, so we do not use it here.)"""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return UID(f"2.25.{int.from_bytes(digest[:16], 'big')}")
 
 
 def copy_patient_study(source: Dataset, target: Dataset) -> None:

@@ -12,7 +12,9 @@ import datetime as dt
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+from dicom_node.encode.provenance import result_uid
 
 __all__ = ["ct_series", "SYNTHETIC_PATIENT"]
 
@@ -28,7 +30,9 @@ def ct_series(volume_hu: np.ndarray, *, seed: str, pixel_mm: float = 0.7, slice_
     Instances are numbered in reverse of their position on purpose, so that
     code sorting by InstanceNumber instead of geometry gets caught.
     """
-    uid = lambda *parts: generate_uid(prefix=None, entropy_srcs=[seed, *parts])  # noqa: E731
+    def uid(*parts: str) -> str:
+        return result_uid("synthetic", seed, *parts)
+
     study_uid, series_uid, frame_uid = uid("study"), uid("series"), uid("frame")
     n, rows, cols = volume_hu.shape
     stored = np.clip(np.rint(volume_hu + 1024), 0, 4095).astype(np.uint16)

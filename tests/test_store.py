@@ -1,0 +1,180 @@
+"""The SQLite store and the completer's rules, in-process."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry
+
+from dicom_node.assemble.completer import Completer
+from dicom_node.config import load_config
+from dicom_node.observability.metrics import Metrics
+from dicom_node.store.db import InstanceRecord, Store
+from dicom_node.store.spool import Spool, is_valid_uid
+from helpers import write_ct_series
+
+
+def _rec(sop: str, series: str = "1.2.3", study: str = "1.2") -> InstanceRecord:
+    return InstanceRecord(sop_uid=sop, sop_class="1.2.840.10008.5.1.4.1.1.2", study_uid=study,
+                          series_uid=series, transfer_syntax="1.2.840.10008.1.2.1",
+                          path=f"{study}/{series}/{sop}.dcm", size=10)
+
+
+def _record(store: Store, rec: InstanceRecord, now: float, expected: int | None = None) -> bool:
+    return store.record_instance(rec, modality="CT", calling_ae="A", called_ae="B",
+                                 expected_count=expected, now=now)
+
+
+def test_duplicate_and_reopen_after_completion(tmp_path):
+    store = Store(tmp_path / "db.sqlite")
+    assert _record(store, _rec("1.1"), 100.0) is False
+    assert _record(store, _rec("1.1"), 101.0) is True
+    assert store.count_instances() == 1
+    series = store.series("1.2.3")
+    job = store.complete_series([series], route="r", pipeline="p", model="m", group_key="1.2.3", now=105)
+    assert job is not None and store.series("1.2.3").state == "complete"
+    _record(store, _rec("1.4"), 200.0)  # late instance
+    reopened = store.series("1.2.3")
+    assert reopened.state == "receiving" and reopened.generation == 1 and reopened.instance_count == 2
+    second = store.complete_series([reopened], route="r", pipeline="p", model="m", group_key="1.2.3", now=205)
+    assert second != job
+
+
+def test_completion_loses_the_race_to_a_new_instance(tmp_path):
+    store = Store(tmp_path / "db.sqlite")
+    _record(store, _rec("1.1"), 100.0)
+    stale = store.series("1.2.3")
+    _record(store, _rec("1.2"), 101.0)
+    assert store.complete_series([stale], route="r", pipeline="p", model="m", group_key="k") is None
+    assert store.series("1.2.3").state == "receiving"
+
+
+def test_two_workers_never_claim_the_same_job(tmp_path):
+    store = Store(tmp_path / "db.sqlite")
+    for i in range(20):
+        _record(store, _rec(f"1.{i}", series=f"9.{i}"), 100.0)
+        store.complete_series([store.series(f"9.{i}")], route="r", pipeline="p", model="m",
+                              group_key=f"9.{i}")
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claim(name: str) -> None:
+        s = Store(tmp_path / "db.sqlite")
+        while (job := s.claim_job(name)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 20
+
+
+def test_requeue_then_fail_after_max_attempts(tmp_path):
+    store = Store(tmp_path / "db.sqlite")
+    _record(store, _rec("1.1"), 100.0)
+    store.complete_series([store.series("1.2.3")], route="r", pipeline="p", model="m", group_key="k")
+    for _ in range(2):
+        assert store.claim_job("w") is not None
+        store.requeue_running("w", max_attempts=2, reason="worker died")
+    job = store.jobs()[0]
+    assert job.state == "failed" and "worker died after 2 attempts" in job.reason
+
+
+def test_outbox_backoff_dead_and_retry(tmp_path):
+    store = Store(tmp_path / "db.sqlite")
+    _record(store, _rec("1.1"), 100.0)
+    job_id = store.complete_series([store.series("1.2.3")], route="r", pipeline="p", model="m",
+                                   group_key="k")
+    store.claim_job("w")
+    store.finish_job(job_id, "done", None, [("pacs", "/x.dcm", "5.5", "1.2")], now=1000.0)
+    [item] = store.due_outbox(now=1000.0)
+    store.mark_retry(item.id, 2000.0, "refused")
+    assert store.due_outbox(now=1500.0) == []
+    store.mark_dead(item.id, "gave up")
+    assert store.outbox_items()[0].state == "dead"
+    assert store.retry_dead() == 1
+    assert store.outbox_items()[0].state == "pending"
+
+
+def test_uids_are_checked_before_they_become_paths(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    assert not is_valid_uid("1.2.3/../../x")
+    assert not is_valid_uid("1." * 40)
+    for bad in ("1.2.3/../../x", "..", "1.2\x00", ""):
+        try:
+            spool.path_for("1.2", bad, "1.3")
+        except ValueError as exc:
+            assert "invalid Series UID" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} accepted as a path component")
+
+
+def _completer(tmp_path, routes):
+    cfg = tmp_path / "node.yaml"
+    import yaml
+    cfg.write_text(yaml.safe_dump({
+        "node": {"data_dir": str(tmp_path / "data")},
+        "destinations": [{"name": "d", "kind": "folder", "path": "x"}], "routes": routes}))
+    config = load_config(cfg)
+    store = Store(config.data_dir / "node.db")
+    return config, store, Completer(config, store, Metrics(CollectorRegistry()))
+
+
+def _ingest(config, store, files, now, expected=None):
+    from pydicom import dcmread
+    spool = Spool(config.data_dir / "spool")
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True)
+        path = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        spool.write(path, f.read_bytes())
+        store.record_instance(InstanceRecord(ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID,
+                                             ds.SeriesInstanceUID, "1.2.840.10008.1.2.1",
+                                             str(path.relative_to(spool.root)), 1),
+                              modality="CT", calling_ae="A", called_ae="B", expected_count=expected, now=now)
+
+
+def test_quiet_period_expected_count_and_unrouted(tmp_path):
+    route = {"name": "ct", "pipeline": "ct_denoise", "model": "ct_denoise", "destinations": ["d"],
+             "quiet_seconds": 10, "match": [{"keyword": "Modality", "equals": "CT"}]}
+    config, store, completer = _completer(tmp_path, [route])
+    files = write_ct_series(tmp_path / "a", n=3, size=32, seed="quiet")
+    _ingest(config, store, files[:2], now=100.0)
+    assert completer.run_once(now=105.0) == []
+    assert len(completer.run_once(now=110.5)) == 1
+    # The data announces 3 images: the third completes the series at once.
+    files_b = write_ct_series(tmp_path / "b", n=3, size=32, seed="count")
+    _ingest(config, store, files_b, now=200.0, expected=3)
+    assert len(completer.run_once(now=200.1)) == 1
+    # An MR series matches no route: completed, recorded with the reason, no job.
+    mr = write_ct_series(tmp_path / "c", n=1, size=32, seed="mr")
+    from pydicom import dcmread
+    ds = dcmread(mr[0])
+    ds.Modality = "MR"
+    ds.save_as(mr[0])
+    _ingest(config, store, mr, now=300.0)
+    assert completer.run_once(now=311.0) == []
+    assert "Modality is 'MR'" in store.series(str(ds.SeriesInstanceUID)).unrouted_reason
+
+
+def test_group_by_study_waits_for_the_whole_study(tmp_path):
+    route = {"name": "cine", "pipeline": "ct_denoise", "model": "ct_denoise", "destinations": ["d"],
+             "quiet_seconds": 5, "group_by": "study", "match": [{"keyword": "Modality", "equals": "CT"}]}
+    config, store, completer = _completer(tmp_path, [route])
+    a = write_ct_series(tmp_path / "a", n=2, size=32, seed="study", series_description="slice 1")
+    b = write_ct_series(tmp_path / "b", n=2, size=32, seed="study", series_description="slice 2")
+    # Same seed: same study; give the second its own series.
+    from pydicom import dcmread
+    for f in b:
+        ds = dcmread(f)
+        ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".2"
+        ds.SOPInstanceUID = ds.SOPInstanceUID + ".2"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(f)
+    _ingest(config, store, a, now=100.0)
+    _ingest(config, store, b, now=103.0)
+    assert completer.run_once(now=106.0) == []  # study not quiet yet
+    [job_id] = completer.run_once(now=108.5)
+    assert len(store.job(job_id).series_uids) == 2
