@@ -86,6 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    # Receivers and workers are processes: they share metrics through files,
+    # and prometheus-client reads this variable when it is first imported.
+    metrics_dir = config.data_dir / ".metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+
     from dicom_node.observability.logs import setup_logging
     from dicom_node.service import Node
 

@@ -154,6 +154,9 @@ class NodeSettings(_Frozen):
     # Seconds an idle association is kept before we release it.
     acse_timeout_s: float = Field(default=30, gt=0)
     workers: int = Field(default=1, ge=0)
+    # Receiver processes sharing the DICOM port (SO_REUSEPORT); more than one
+    # lets concurrent associations use more than one core.
+    receivers: int = Field(default=1, ge=1)
     http: HttpSettings = HttpSettings()
 
     _ae = field_validator("ae_title")(_check_ae)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import threading
@@ -25,13 +26,14 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.infer.engine import ModelRegistry, sha256_of
 from dicom_node.observability.http import HealthServer
 from dicom_node.observability.logs import setup_logging
-from dicom_node.observability.metrics import Metrics, StoreCollector
-from dicom_node.receive.scp import Receiver
+from dicom_node.observability.metrics import (MULTIPROC_ENV, Metrics, StoreCollector,
+                                              exposition_registry)
+from dicom_node.receive.scp import Receiver, reconcile_spool
 from dicom_node.send.outbox import Dispatcher
 from dicom_node.store.db import Store
 from dicom_node.store.spool import Spool
 
-__all__ = ["Node", "worker_main"]
+__all__ = ["Node", "worker_main", "receiver_main"]
 
 log = logging.getLogger("dicom_node.service")
 
@@ -48,12 +50,34 @@ def worker_main(config: Config, name: str, log_level: str, json_logs: bool) -> N
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     store = Store(config.data_dir / "node.db")
-    Worker(config, store, name).run_forever(stop)
+    Worker(config, store, name, Metrics(CollectorRegistry())).run_forever(stop)
+
+
+def receiver_main(config: Config, name: str, log_level: str, json_logs: bool) -> None:
+    """Entry point of an extra receiver process sharing the DICOM port."""
+    setup_logging(log_level, json_logs)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    store = Store(config.data_dir / "node.db", synchronous="NORMAL")
+    receiver = Receiver(config, store, Spool(config.data_dir / "spool"),
+                        Metrics(CollectorRegistry()), reuse_port=True, warn=False)
+    receiver.start()
+    stop.wait()
+    receiver.stop()
+
+
+def _forget_process(pid: int | None) -> None:
+    """Drop a dead process's live gauges from the shared metrics files."""
+    if pid is not None and os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid)
 
 
 @dataclass
 class _WorkerSlot:
     name: str
+    role: str = "worker"
     process: BaseProcess | None = None
     restarts: int = 0
     last_start: float = 0.0
@@ -72,17 +96,23 @@ class Node:
         self.store = Store(data / "node.db")
         self.spool = Spool(data / "spool")
         self.metrics = Metrics(self.registry)
-        self.registry.register(StoreCollector(self.store, data))
-        self.receiver = Receiver(self.config, self.store, self.spool, self.metrics)
+        self.exposed = exposition_registry(self.registry)
+        self.exposed.register(StoreCollector(self.store, data))
+        self.receive_store = Store(data / "node.db", synchronous="NORMAL")
+        shared_port = self.config.node.receivers > 1
+        self.receiver = Receiver(self.config, self.receive_store, self.spool, self.metrics,
+                                 reuse_port=shared_port)
         self.completer = Completer(self.config, self.store, self.metrics)
         self.dispatcher = Dispatcher(self.config, self.store, self.metrics)
         self.stop_event = threading.Event()
         self.model_problems: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
         self._workers = [_WorkerSlot(f"worker-{i}") for i in range(self.config.node.workers)]
+        self._workers += [_WorkerSlot(f"receiver-{i}", role="receiver")
+                          for i in range(1, self.config.node.receivers)]
         self._ctx = mp.get_context("spawn")
         self.http = HealthServer(self.config.node.http.host, self.config.node.http.port,
-                                 self.registry, self._checks())
+                                 self.exposed, self._checks())
 
     # -- start and stop --------------------------------------------------------
 
@@ -90,6 +120,9 @@ class Node:
         removed = self.spool.clean_temporary()
         if removed:
             log.info("removed %d partial files left by an interrupted write", removed)
+        indexed = reconcile_spool(self.spool, self.store)
+        if indexed:
+            log.warning("indexed %d spooled instances whose record was lost in a crash", indexed)
         requeued = self.store.requeue_running(max_attempts=self.config.jobs.max_attempts,
                                               reason="node stopped while the job ran")
         if requeued:
@@ -149,7 +182,8 @@ class Node:
             self.stop_event.wait(0.5)
 
     def _start_worker(self, slot: _WorkerSlot) -> None:
-        proc = self._ctx.Process(target=worker_main, name=slot.name,
+        target = worker_main if slot.role == "worker" else receiver_main
+        proc = self._ctx.Process(target=target, name=slot.name,
                                  args=(self.config, slot.name, self.log_level, self.json_logs))
         proc.start()
         slot.process = proc
@@ -160,10 +194,11 @@ class Node:
             proc = slot.process
             if proc is None or proc.is_alive() or self.stop_event.is_set():
                 continue
-            log.error("%s died (exit code %s); its running job goes back to the queue",
-                      slot.name, proc.exitcode)
-            self.store.requeue_running(slot.name, self.config.jobs.max_attempts,
-                                       reason=f"worker died (exit code {proc.exitcode})")
+            log.error("%s died (exit code %s); restarting it", slot.name, proc.exitcode)
+            _forget_process(proc.pid)
+            if slot.role == "worker":
+                self.store.requeue_running(slot.name, self.config.jobs.max_attempts,
+                                           reason=f"worker died (exit code {proc.exitcode})")
             slot.restarts += 1
             self._start_worker(slot)
 

@@ -19,9 +19,12 @@ from threading import Event
 from pydicom import Dataset, dcmread
 from pydicom.filewriter import dcmwrite
 
+from prometheus_client import CollectorRegistry
+
 from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError, SkipSeries
 from dicom_node.infer.engine import ModelRegistry
+from dicom_node.observability.metrics import Metrics
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
 from dicom_node.store.db import Job, Store
 from dicom_node.store.spool import atomic_write, is_valid_uid
@@ -36,8 +39,10 @@ def result_dir(config: Config, job_id: int) -> Path:
 
 
 class Worker:
-    def __init__(self, config: Config, store: Store, name: str | None = None) -> None:
+    def __init__(self, config: Config, store: Store, name: str | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or Metrics(CollectorRegistry())
         self.store = store
         self.name = name or f"worker-{os.getpid()}"
         inf = config.inference
@@ -62,21 +67,26 @@ class Worker:
         try:
             results, summary = self._run(job)
         except SkipSeries as exc:
-            self.store.finish_job(job.id, "skipped", str(exc))
+            self._end(job, "skipped", str(exc))
             log.info("job %d skipped: %s", job.id, exc)
             return True
         except DicomNodeError as exc:
-            self.store.finish_job(job.id, "failed", str(exc))
+            self._end(job, "failed", str(exc))
             log.error("job %d failed: %s", job.id, exc)
             return True
         except Exception as exc:  # noqa: BLE001 - edge of the stage: record, keep the worker
-            self.store.finish_job(job.id, "failed", f"{type(exc).__name__}: {exc}")
+            self._end(job, "failed", f"{type(exc).__name__}: {exc}")
             log.exception("job %d failed unexpectedly", job.id)
             return True
-        self.store.finish_job(job.id, "done", None, results)
+        self._end(job, "done", None, results)
         log.info("job %d done in %.2f s: %d result objects queued (%s)", job.id,
                  time.perf_counter() - started, len(results), summary)
         return True
+
+    def _end(self, job: Job, state: str, reason: str | None,
+             results: list[tuple[str, str, str, str]] = ()) -> None:
+        self.store.finish_job(job.id, state, reason, results)
+        self.metrics.jobs_finished.labels(pipeline=job.pipeline, state=state).inc()
 
     def _run(self, job: Job) -> tuple[list[tuple[str, str, str, str]], dict]:
         route = self.config.route(job.route)
@@ -85,11 +95,15 @@ class Worker:
         datasets = self._load(job)
         options = {"batch_size": self.config.inference.batch_size, **route.options}
         result = pipeline.run(PipelineInput(job.id, job.route, datasets, options), model)
+        started = time.perf_counter()
         paths = self._write(job.id, result.datasets)
+        timings = {**result.timings, "write": time.perf_counter() - started}
+        for stage, seconds in timings.items():
+            self.metrics.stage_seconds.labels(pipeline=job.pipeline, stage=stage).observe(seconds)
         queued = [(dest, str(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
                   for dest in route.destinations for ds, path in zip(result.datasets, paths)]
         summary = dict(result.summary)
-        summary.update({f"{k}_s": round(v, 3) for k, v in result.timings.items()})
+        summary.update({f"{k}_s": round(v, 3) for k, v in timings.items()})
         return queued, summary
 
     def _load(self, job: Job) -> list[Dataset]:

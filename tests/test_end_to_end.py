@@ -58,6 +58,9 @@ def test_ct_series_round_trip_to_orthanc(node_factory, orthanc, tmp_path):
     assert _sample(metrics, "dicom_node_instances_received_total", {"modality": "CT"}) == N
     assert _sample(metrics, "dicom_node_send_attempts_total", {"destination": "pacs", "result": "sent"}) == N + 1
     assert _sample(metrics, "dicom_node_series_completed_total", {"route": "ct"}) == 1
+    assert _sample(metrics, "dicom_node_jobs_finished_total", {"pipeline": "ct_denoise", "state": "done"}) == 1
+    assert _sample(metrics, "dicom_node_stage_seconds_count", {"pipeline": "ct_denoise", "stage": "inference"}) == 1
+    assert _sample(metrics, "dicom_node_jobs", {"pipeline": "ct_denoise", "state": "done"}) == 1
 
 
 def test_kill9_mid_series_and_mid_job_loses_nothing(node_factory, orthanc, tmp_path):

@@ -105,3 +105,18 @@ def test_host_check_rejects_known_ae_from_wrong_host(node_factory):
 def test_allow_any_caller_warns_at_start(node_factory):
     node = node_factory(routes=[]).start()
     assert "allow_any_caller is true" in node.log()
+
+
+def test_receiver_processes_share_the_port(node_factory, tmp_path):
+    import subprocess
+
+    from helpers import NODELAY_ENV
+    node = node_factory(routes=[], node={"receivers": 2, "workers": 0}).start()
+    series = [write_ct_series(tmp_path / f"s{i}", n=6, size=64, seed=f"multi{i}") for i in range(4)]
+    procs = [subprocess.Popen(["storescu", "-aec", "DICOM_NODE", "127.0.0.1", str(node.port),
+                               *map(str, files)], env=NODELAY_ENV) for files in series]
+    assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
+    assert node.store().count_instances() == 24
+    # Both processes' counters reach the one endpoint.
+    wait_for(lambda: 'dicom_node_instances_received_total{modality="CT"} 24.0' in node.metrics(), 10,
+             what="24 instances counted across receiver processes")

@@ -8,6 +8,7 @@ pointing at its source and the IHE AIR Contributing Equipment item.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 
 import numpy as np
@@ -57,7 +58,8 @@ def derived_image(source: Dataset, values: np.ndarray, prov: Provenance, *, inde
     for elem in source:
         if elem.tag.is_private or elem.keyword in _DROP or elem.tag.group == 0x0002:
             continue
-        ds.add(elem)
+        # A copy: setting a value on a shared element would rewrite the source.
+        ds.add(copy.deepcopy(elem))
     if int(source.BitsAllocated) != 16:
         raise ValueError(f"instance {source.SOPInstanceUID}: derived images need 16 bits allocated, "
                          f"source has {source.BitsAllocated}")

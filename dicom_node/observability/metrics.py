@@ -6,6 +6,7 @@ destination, status) and never carry UIDs or patient data.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -13,11 +14,24 @@ from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from dicom_node.store.db import Store
 
-__all__ = ["Metrics", "StoreCollector"]
+__all__ = ["Metrics", "StoreCollector", "exposition_registry", "MULTIPROC_ENV"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition_registry(metrics_registry: CollectorRegistry) -> CollectorRegistry:
+    """What /metrics serves: every process's metrics when the node runs
+    several (prometheus-client's multiprocess mode), else this process's."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return metrics_registry
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return registry
 
 _STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -29,7 +43,8 @@ class Metrics:
             "dicom_node_associations", "Associations requested, by result",
             ["result"], registry=registry)
         self.associations_active = Gauge(
-            "dicom_node_associations_active", "Associations currently open", registry=registry)
+            "dicom_node_associations_active", "Associations currently open", registry=registry,
+            multiprocess_mode="livesum")
         self.instances_received = Counter(
             "dicom_node_instances_received", "Instances stored and acknowledged",
             ["modality"], registry=registry)

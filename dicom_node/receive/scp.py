@@ -27,7 +27,8 @@ from dicom_node.observability.metrics import Metrics
 from dicom_node.store.db import InstanceRecord, Store
 from dicom_node.store.spool import Spool, is_valid_uid
 
-__all__ = ["Receiver", "STATUS", "supported_transfer_syntaxes", "storage_sop_classes"]
+__all__ = ["Receiver", "STATUS", "supported_transfer_syntaxes", "storage_sop_classes",
+           "reconcile_spool"]
 
 log = logging.getLogger("dicom_node.receive")
 
@@ -95,7 +96,8 @@ class Receiver:
     """Owns the pynetdicom AE and its server thread."""
 
     def __init__(self, config: Config, store: Store, spool: Spool, metrics: Metrics,
-                 *, reuse_port: bool = False) -> None:
+                 *, reuse_port: bool = False, warn: bool = True) -> None:
+        self.warn = warn
         self.config = config
         self.store = store
         self.spool = spool
@@ -122,7 +124,7 @@ class Receiver:
 
     def start(self) -> tuple[str, int]:
         node = self.config.node
-        if node.allow_any_caller:
+        if node.allow_any_caller and self.warn:
             log.warning("node.allow_any_caller is true: any calling AE may store to %s; "
                         "list peers and set it to false in production", node.ae_title)
         handlers = [
@@ -300,3 +302,33 @@ def _same_host(configured: str, actual: str) -> bool:
         return False
 
 
+
+
+def reconcile_spool(spool: Spool, store: Store) -> int:
+    """Index spooled files the store does not know.
+
+    The receiver commits its records without waiting for the WAL fsync (the
+    file itself is fsync'd before Success), so after a power cut the spool
+    is the truth.  Returns how many files were indexed.
+    """
+    known = store.instance_paths()
+    indexed = 0
+    for path in spool.files():
+        rel = str(path.relative_to(spool.root))
+        if rel in known:
+            continue
+        try:
+            data = path.read_bytes()
+            header = _read_header(data)
+            syntax = str(dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=[]).file_meta
+                         .get("TransferSyntaxUID", ""))
+        except (OSError, _BadInstance, InvalidDicomError) as exc:
+            log.warning("spooled file %s is unreadable, left alone: %s", rel, exc)
+            continue
+        store.record_instance(
+            InstanceRecord(sop_uid=header.sop_uid, sop_class=header.sop_class,
+                           study_uid=header.study_uid, series_uid=header.series_uid,
+                           transfer_syntax=syntax, path=rel, size=len(data)),
+            modality=header.modality, calling_ae="", called_ae="", expected_count=header.expected_count)
+        indexed += 1
+    return indexed

@@ -35,6 +35,8 @@ def ct_series(volume_hu: np.ndarray, *, seed: str, pixel_mm: float = 0.7, slice_
 
     study_uid, series_uid, frame_uid = uid("study"), uid("series"), uid("frame")
     n, rows, cols = volume_hu.shape
+    # DS values hold at most 16 characters.
+    pixel_mm, slice_mm = round(float(pixel_mm), 6), round(float(slice_mm), 4)
     stored = np.clip(np.rint(volume_hu + 1024), 0, 4095).astype(np.uint16)
     today = dt.date.today().strftime("%Y%m%d")
     datasets = []
@@ -57,10 +59,11 @@ def ct_series(volume_hu: np.ndarray, *, seed: str, pixel_mm: float = 0.7, slice_
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.AcquisitionNumber, ds.KVP = 1, 100
         ds.ImagesInAcquisition = n
-        ds.ImagePositionPatient = [-cols * pixel_mm / 2, -rows * pixel_mm / 2, -z * slice_mm]
+        ds.ImagePositionPatient = [round(-cols * pixel_mm / 2, 4), round(-rows * pixel_mm / 2, 4),
+                                   round(-z * slice_mm, 4)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [pixel_mm, pixel_mm]
-        ds.SliceThickness, ds.SliceLocation = slice_mm, -z * slice_mm
+        ds.SliceThickness, ds.SliceLocation = slice_mm, round(-z * slice_mm, 4)
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = rows, cols
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0

@@ -1,0 +1,83 @@
+"""Shared set-up for the benchmarks: a generated CT series on disk and the
+reference peers (dcmtk's storescp, Orthanc) with TCP_NODELAY=1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.filewriter import dcmwrite
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from helpers import NodeProcess, Orthanc, free_port, wait_for  # noqa: E402
+
+from dicom_node.synthetic import ct_phantom  # noqa: E402
+from dicom_node.synthetic.dicom_ct import ct_series  # noqa: E402
+
+NODELAY = {**os.environ, "TCP_NODELAY": "1"}
+
+__all__ = ["NODELAY", "NodeProcess", "Orthanc", "free_port", "wait_for", "make_series",
+           "StoreSCP", "storescu_time", "workdir"]
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
+
+
+def make_series(folder: Path, n: int = 300, size: int = 512, seed: str = "bench") -> list[Path]:
+    """``n`` slices of ``size``² CT: one phantom slice, fresh noise per slice
+    (the projection simulation for 300 slices would dominate the bench)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = ct_phantom.make_slice(rng, size=size).low_dose_hu
+    vol = base[None] + rng.normal(0, 10, (n, size, size)).astype(np.float32)
+    paths = []
+    for i, ds in enumerate(ct_series(vol, seed=seed)):
+        path = folder / f"{i:04d}.dcm"
+        dcmwrite(path, ds, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class StoreSCP:
+    """dcmtk's storescp writing every instance to disk."""
+
+    def __init__(self, out: Path, fork: bool = False) -> None:
+        self.port = free_port()
+        out.mkdir(parents=True, exist_ok=True)
+        args = ["storescp", "-od", str(out), "-aet", "STORESCP", "--max-pdu", "131072"]
+        if fork:
+            args.append("--fork")
+        self.proc = subprocess.Popen([*args, str(self.port)], env=NODELAY,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run(["echoscu", "-aec", "STORESCP", "127.0.0.1", str(self.port)],
+                                        env=NODELAY, capture_output=True).returncode == 0, 20)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def storescu_time(port: int, aec: str, files: list[Path], parallel: int = 1) -> float:
+    """Seconds for ``parallel`` storescu processes to send ``files`` between them."""
+    chunks = [files[i::parallel] for i in range(parallel)]
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aec", aec, "--max-pdu", "131072", "127.0.0.1", str(port),
+                               *map(str, chunk)], env=NODELAY, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for chunk in chunks]
+    for p in procs:
+        if p.wait() != 0:
+            raise RuntimeError(f"storescu failed: {p.stderr.read().decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+def cleanup(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
