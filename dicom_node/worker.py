@@ -35,7 +35,7 @@ log = logging.getLogger("dicom_node.worker")
 
 
 def result_dir(config: Config, job_id: int) -> Path:
-    return config.data_dir / "results" / f"job-{job_id}"
+    return config.data_dir / "outgoing" / f"job-{job_id}"
 
 
 class Worker:

@@ -42,7 +42,7 @@ def _roundtrip(datasets, syntax=None):
             if syntax == DeflatedExplicitVRLittleEndian:
                 ds.file_meta.TransferSyntaxUID = syntax
             else:
-                ds.compress(syntax)
+                ds.compress(syntax, generate_instance_uid=False)
         buf = BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
         buf.seek(0)

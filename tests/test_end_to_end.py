@@ -46,7 +46,7 @@ def test_ct_series_round_trip_to_orthanc(node_factory, orthanc, tmp_path):
               for i in instances}
     assert series == {"CT", "SR"}
     # The node's own copies of what it sent: valid DICOM, readable by highdicom.
-    outputs = sorted((node.data_dir / "results").glob("job-*/*.dcm"))
+    outputs = sorted((node.data_dir / "outgoing").glob("job-*/*.dcm"))
     assert len(outputs) == N + 1
     for path in outputs:
         assert dciodvfy_errors(path) == [], path

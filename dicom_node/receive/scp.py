@@ -24,6 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
 from dicom_node.observability.metrics import Metrics
+from dicom_node.send.scu import tune_association
 from dicom_node.store.db import InstanceRecord, Store
 from dicom_node.store.spool import Spool, is_valid_uid
 
@@ -128,6 +129,7 @@ class Receiver:
             log.warning("node.allow_any_caller is true: any calling AE may store to %s; "
                         "list peers and set it to false in production", node.ae_title)
         handlers = [
+            (evt.EVT_CONN_OPEN, tune_association),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_closed),

@@ -21,7 +21,7 @@ from pynetdicom.presentation import build_context
 from dicom_node.config import Peer
 from dicom_node.errors import SendError
 
-__all__ = ["StoreRequest", "StoreOutcome", "send_files", "status_is_success"]
+__all__ = ["StoreRequest", "StoreOutcome", "send_files", "status_is_success", "tune_association"]
 
 log = logging.getLogger("dicom_node.send")
 
@@ -47,12 +47,20 @@ class StoreOutcome:
     reason: str
 
 
+# pynetdicom's DUL thread sleeps this long when it finds nothing to do (1 ms
+# by default); each C-STORE round trip hits several such idle checks, so a
+# shorter nap sends measurably faster (bench/send.py) at a little idle CPU.
+_LOOP_DELAY = 0.0002
+
+
 def status_is_success(status: int) -> bool:
     # 0x0000 success; 0xB000, 0xB006, 0xB007 warnings: the peer stored it.
     return status == 0x0000 or (status & 0xF000) == 0xB000
 
 
-def _nodelay(event: evt.Event) -> None:
+def tune_association(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: no Nagle delay, shorter DUL idle naps."""
+    event.assoc.dul._run_loop_delay = _LOOP_DELAY
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -73,7 +81,7 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
         raise SendError(peer.name, f"{len(classes)} SOP classes in one batch", retryable=False)
     contexts = [build_context(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for c in classes]
     assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, tune_association)])
     if assoc.is_rejected:
         raise SendError(peer.name, f"association rejected by {peer.ae_title}", retryable=False)
     if not assoc.is_established:
