@@ -125,3 +125,26 @@ def test_no_blood_pool_fails_the_job_with_a_reason(model, source):
         ds.PixelData = np.zeros((ds.Rows, ds.Columns), np.uint16).tobytes()
     with pytest.raises(PipelineError, match="series .*blood pool"):
         _run(model, air)
+
+
+def test_enhanced_ct_in_single_frame_ct_out(model, source, tmp_path):
+    """A multi-frame (legacy converted enhanced) CT gives one valid single-frame
+    derived image per frame, each with its frame's position."""
+    singles = _roundtrip(source)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        singles, series_instance_uid=singles[0].SeriesInstanceUID + ".1", series_number=9,
+        sop_instance_uid=singles[0].SOPInstanceUID + ".1", instance_number=1)
+    buf = BytesIO()
+    enhanced.save_as(buf)
+    buf.seek(0)
+    result = _run(model, [dcmread(buf)])
+    derived = [d for d in result.datasets if d.Modality == "CT"]
+    assert len(derived) == len(source)
+    positions = sorted(tuple(map(float, s.ImagePositionPatient)) for s in source)
+    assert sorted(tuple(map(float, d.ImagePositionPatient)) for d in derived) == positions
+    for d in derived + [d for d in result.datasets if d.Modality == "SR"]:
+        path = tmp_path / f"{d.SOPInstanceUID}.dcm"
+        dcmwrite(path, d, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], path
+    frames = sorted(int(d.SourceImageSequence[0].ReferencedFrameNumber) for d in derived)
+    assert frames == list(range(1, len(source) + 1))

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from dicom_node.encode.provenance import MANUFACTURER, Provenance
 
-__all__ = ["derived_image", "stored_values"]
+__all__ = ["derived_image", "derived_from_frame", "stored_values"]
 
 # DCM 110001 "Image Processing" is the closest standard concept for an AI
 # denoiser we found; sites may refine it.
@@ -38,10 +38,12 @@ _DROP = ["PixelData", "FloatPixelData", "DoubleFloatPixelData", "LargestImagePix
          "MACParametersSequence", "EncryptedAttributesSequence", "OriginalAttributesSequence"]
 
 
-def stored_values(values: np.ndarray, source: Dataset) -> np.ndarray:
+def stored_values(values: np.ndarray, source: Dataset,
+                  rescale: tuple[float, float] | None = None) -> np.ndarray:
     """Modality values back to the source's stored pixel type and range."""
-    slope = float(source.get("RescaleSlope", 1) or 1)
-    intercept = float(source.get("RescaleIntercept", 0) or 0)
+    if rescale is None:
+        rescale = (float(source.get("RescaleSlope", 1) or 1), float(source.get("RescaleIntercept", 0) or 0))
+    slope, intercept = rescale
     bits = int(source.BitsStored)
     signed = int(source.PixelRepresentation) == 1
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
@@ -88,6 +90,79 @@ def derived_image(source: Dataset, values: np.ndarray, prov: Provenance, *, inde
     ds["PixelData"].VR = "OW"
     ds.file_meta = _file_meta(ds)
     return ds
+
+
+# Modules copied from a multi-frame source into each single-frame derived image.
+_FROM_ENHANCED = ["PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                  "PatientAge", "PatientSize", "PatientWeight", "StudyInstanceUID", "StudyDate",
+                  "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+                  "StudyDescription", "SpecificCharacterSet", "FrameOfReferenceUID",
+                  "PositionReferenceIndicator", "Manufacturer", "InstitutionName",
+                  "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions", "Modality",
+                  "PatientPosition", "BodyPartExamined", "SeriesDate", "SeriesTime", "Laterality",
+                  "ContrastBolusAgent", "PhotometricInterpretation", "BitsStored", "HighBit",
+                  "PixelRepresentation"]
+
+
+def derived_from_frame(source: Dataset, frame: int, geometry: dict, values: np.ndarray,
+                       prov: Provenance, *, index: int, series_uid: str, series_number: int,
+                       series_description: str, derivation: str) -> Dataset:
+    """A single-frame CT Image from one frame of an enhanced (multi-frame)
+    source, with that frame's plane geometry and rescale.
+
+    ``geometry`` holds ``position``, ``orientation``, ``spacing`` and
+    ``rescale`` of the frame (as the volume loader read them).
+    """
+    ds = Dataset()
+    for keyword in _FROM_ENHANCED:
+        if keyword in source:
+            ds[keyword] = copy.deepcopy(source[keyword])
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    ds.SOPInstanceUID = prov.uid("derived-image", f"{source.SOPInstanceUID}/{frame}")
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = series_description[:64]
+    ds.InstanceNumber = index + 1
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.DerivationDescription = derivation[:1024]
+    ds.DerivationCodeSequence = Sequence([_code(*_DERIVATION_CODE)])
+    ref = _reference(source)
+    ref.ReferencedFrameNumber = frame
+    ds.SourceImageSequence = Sequence([ref])
+    ds.ImagePositionPatient = [_ds(v) for v in geometry["position"]]
+    ds.ImageOrientationPatient = [_ds(v) for v in geometry["orientation"]]
+    ds.PixelSpacing = [_ds(v) for v in geometry["spacing"]]
+    ds.SliceThickness = _ds(geometry.get("thickness") or 0) or ""
+    slope, intercept = geometry["rescale"]
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = _ds(slope), _ds(intercept), "HU"
+    ds.KVP = ""
+    ds.AcquisitionNumber = ""
+    ds.PatientOrientation = ""
+    ds.BurnedInAnnotation = "NO"
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "Laterality",
+                    "StudyID", "AccessionNumber", "ReferringPhysicianName", "Manufacturer",
+                    "PositionReferenceIndicator"):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    now = dt.datetime.now()
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.ContributingEquipmentSequence = [prov.contributing_equipment()]
+    _add_device_uid(ds, prov)
+    pixels = stored_values(values, source, (slope, intercept))
+    ds.SamplesPerPixel = 1
+    ds.BitsAllocated = 16
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.file_meta = _file_meta(ds)
+    return ds
+
+
+def _ds(value: float) -> str:
+    """A DS string of at most 16 characters."""
+    from pydicom.valuerep import format_number_as_ds
+    return format_number_as_ds(float(value))
 
 
 def _add_device_uid(ds: Dataset, prov: Provenance) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_node.encode.derived import derived_image
+from dicom_node.encode.derived import derived_from_frame, derived_image
 from dicom_node.encode.provenance import Provenance
 from dicom_node.encode.sr import measurement_report_sr, private_code
 from dicom_node.errors import PipelineError, SkipSeries
@@ -77,10 +77,6 @@ def _ct_images(job: PipelineInput) -> list[Dataset]:
     series = {str(ds.SeriesInstanceUID) for ds in images}
     if len(series) != 1:
         raise PipelineError(f"job {job.job_id}: ct_denoise takes one series, got {len(series)}")
-    enhanced = [ds for ds in images if "PerFrameFunctionalGroupsSequence" in ds]
-    if enhanced:
-        raise SkipSeries(f"job {job.job_id}: Enhanced CT output is not implemented yet "
-                         f"(instance {enhanced[0].SOPInstanceUID})")
     return images
 
 
@@ -96,10 +92,22 @@ def _derived_series(volume: Volume, denoised: np.ndarray, prov: Provenance) -> l
     derivation = (f"AI noise reduction by {prov.manifest.name} version {prov.manifest.version} "
                   f"({prov.manifest.family.meaning}) in dicom-node; not for primary diagnosis "
                   f"unless the site validated this model")
-    return [derived_image(s.dataset, denoised[i], prov, index=str(s.dataset.SOPInstanceUID),
-                          series_uid=series_uid, series_number=_series_number(first, "derived"),
-                          series_description=description, derivation=derivation)
-            for i, s in enumerate(volume.slices)]
+    number = _series_number(first, "derived")
+    out = []
+    for i, s in enumerate(volume.slices):
+        if s.frame is None:
+            out.append(derived_image(s.dataset, denoised[i], prov, index=str(s.dataset.SOPInstanceUID),
+                                     series_uid=series_uid, series_number=number,
+                                     series_description=description, derivation=derivation))
+            continue
+        # Enhanced CT in: one single-frame CT image per frame out, which every
+        # viewer shows, with the frame's own geometry.
+        geometry = {"position": s.position, "orientation": s.orientation, "spacing": s.spacing,
+                    "rescale": s.rescale, "thickness": volume.slice_spacing}
+        out.append(derived_from_frame(s.dataset, s.frame, geometry, denoised[i], prov, index=i,
+                                      series_uid=series_uid, series_number=number,
+                                      series_description=description, derivation=derivation))
+    return out
 
 
 def _quality_report(volume: Volume, denoised: np.ndarray, derived: list[Dataset],
@@ -111,19 +119,22 @@ def _quality_report(volume: Volume, denoised: np.ndarray, derived: list[Dataset]
     before = ct_quality.measure(volume.values, regions)
     after = ct_quality.measure(denoised, regions)
     groups = []
-    for label, measured, images in (("original", before, [s.dataset for s in volume.slices]),
-                                    ("denoised", after, derived)):
+    originals = [(s.dataset, s.frame) for s in volume.slices]
+    for label, measured, images in (("original", before, originals),
+                                    ("denoised", after, [(d, None) for d in derived])):
         for stats in (measured.blood, measured.reference):
-            groups.append(_roi_group(stats, images[stats.roi.slice_index], label, prov))
+            image, frame = images[stats.roi.slice_index]
+            groups.append(_roi_group(stats, image, frame, label, prov))
         groups.append(_ratio_group(measured, label, prov))
+    evidence = {str(d.SOPInstanceUID): d for d in [s.dataset for s in volume.slices] + derived}
     return measurement_report_sr(
-        prov=prov, evidence=[s.dataset for s in volume.slices] + derived, groups=groups,
+        prov=prov, evidence=list(evidence.values()), groups=groups,
         procedure=codes.SCT.ComputedTomography,
         title=f"AI denoising image quality {prov.description}",
         series_number=_series_number(volume.slices[0].dataset, "sr"))
 
 
-def _roi_group(stats: ct_quality.RoiStats, image: Dataset, label: str,
+def _roi_group(stats: ct_quality.RoiStats, image: Dataset, frame: int | None, label: str,
                prov: Provenance) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     roi = stats.roi
     row, col = roi.centre
@@ -132,7 +143,8 @@ def _roi_group(stats: ct_quality.RoiStats, image: Dataset, label: str,
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
         graphic_data=np.array([[col + 0.5, row + 0.5], [col + 0.5 + radius_px, row + 0.5]]),
-        source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID))
+        source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID,
+                                                referenced_frame_numbers=[frame] if frame else None))
     tissue = codes.SCT.Blood if roi.kind == "blood" else (
         codes.SCT.Fat if roi.tissue == "adipose tissue" else codes.SCT.Air)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
