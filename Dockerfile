@@ -3,8 +3,9 @@
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# Not version-pinned: the base image's Ubuntu release pins them (see .hadolint.yaml).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv curl \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/dicom-node
@@ -14,16 +15,22 @@ COPY conf ./conf
 COPY models_onnx/*.onnx models_onnx/*.yaml ./models_onnx/
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
 
-RUN useradd --system --home /data --shell /usr/sbin/nologin dicom-node \
-    && mkdir -p /data && chown dicom-node:dicom-node /data
-USER dicom-node
+# A numeric user, so the host and Kubernetes' runAsNonRoot can resolve it.
+RUN useradd --system --uid 10001 --user-group --home /data --shell /usr/sbin/nologin dicom-node \
+    && mkdir -p /data && chown 10001:10001 /data
+USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 11112 9109
 
+# Ready = store writable, models verified, disk free, DICOM port listening,
+# workers alive; urlopen raises (exit 1) on the 503 that names what failed.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
-    CMD curl -fsS http://127.0.0.1:9109/readyz || exit 1
+    CMD ["/opt/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9109/readyz', timeout=4)"]
 
+# HTTP on all interfaces so Prometheus can scrape from another container; do
+# not publish port 9109 beyond the monitoring network.
 ENTRYPOINT ["/opt/venv/bin/dicom-node", "-c", "/opt/dicom-node/conf/node.yaml", \
             "--set", "node.data_dir=/data", "--set", "node.host=0.0.0.0", \
+            "--set", "node.http.host=0.0.0.0", \
             "--set", "inference.models_dir=/opt/dicom-node/models_onnx"]
 CMD ["serve", "--json-logs"]

@@ -130,6 +130,9 @@ class Route(_Frozen):
     # No instance for this long and the series (or study) is complete.
     quiet_seconds: float = Field(default=10.0, gt=0)
     group_by: Literal["series", "study"] = "series"
+    # Where results go instead of ``destinations`` when the pipeline reports
+    # this outcome, e.g. {abnormal: [priority_reading]} for CXR triage.
+    result_destinations: dict[str, list[str]] = Field(default_factory=dict)
     # Pipeline-specific settings (batch size, thresholds...), validated by the pipeline.
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -209,6 +212,11 @@ class Config(_Frozen):
             for name in route.destinations:
                 if name not in dest_names:
                     raise ValueError(f"routes.{route.name}.destinations: unknown destination {name!r}")
+            for outcome, names in route.result_destinations.items():
+                for name in names:
+                    if name not in dest_names:
+                        raise ValueError(f"routes.{route.name}.result_destinations.{outcome}: "
+                                         f"unknown destination {name!r}")
         return self
 
     @property

@@ -26,8 +26,8 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.infer.engine import ModelRegistry, sha256_of
 from dicom_node.observability.http import HealthServer
 from dicom_node.observability.logs import setup_logging
-from dicom_node.observability.metrics import (MULTIPROC_ENV, Metrics, StoreCollector,
-                                              exposition_registry)
+from dicom_node.observability.metrics import (MULTIPROC_ENV, Metrics, RuntimeCollector,
+                                              StoreCollector, exposition_registry)
 from dicom_node.receive.scp import Receiver, reconcile_spool
 from dicom_node.send.outbox import Dispatcher
 from dicom_node.store.db import Store
@@ -98,6 +98,7 @@ class Node:
         self.metrics = Metrics(self.registry)
         self.exposed = exposition_registry(self.registry)
         self.exposed.register(StoreCollector(self.store, data))
+        self.exposed.register(RuntimeCollector())
         self.receive_store = Store(data / "node.db", synchronous="NORMAL")
         shared_port = self.config.node.receivers > 1
         self.receiver = Receiver(self.config, self.receive_store, self.spool, self.metrics,

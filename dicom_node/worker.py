@@ -92,6 +92,8 @@ class Worker:
         route = self.config.route(job.route)
         pipeline = get_pipeline(job.pipeline)
         model = self.models.get(job.model)
+        self.metrics.model_info.labels(model=model.manifest.name, version=model.manifest.version,
+                                       provider=model.provider).set(1)
         datasets = self._load(job)
         options = {"batch_size": self.config.inference.batch_size, **route.options}
         result = pipeline.run(PipelineInput(job.id, job.route, datasets, options), model)
@@ -100,9 +102,13 @@ class Worker:
         timings = {**result.timings, "write": time.perf_counter() - started}
         for stage, seconds in timings.items():
             self.metrics.stage_seconds.labels(pipeline=job.pipeline, stage=stage).observe(seconds)
+        if "inference" in timings:
+            self.metrics.inference_seconds.labels(model=model.manifest.name,
+                                                  provider=model.provider).observe(timings["inference"])
+        destinations = route.result_destinations.get(result.outcome or "", route.destinations)
         queued = [(dest, str(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
-                  for dest in route.destinations for ds, path in zip(result.datasets, paths)]
-        summary = dict(result.summary)
+                  for dest in destinations for ds, path in zip(result.datasets, paths)]
+        summary = dict(result.summary, outcome=result.outcome) if result.outcome else dict(result.summary)
         summary.update({f"{k}_s": round(v, 3) for k, v in timings.items()})
         return queued, summary
 

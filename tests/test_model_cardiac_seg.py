@@ -75,7 +75,8 @@ def _segment(sess, images: np.ndarray, spacing: tuple[float, float],
         assert logits.shape[1] == 4
         for k, (nh, nw) in enumerate(sizes):
             lab = logits[k].argmax(0)[:nh, :nw].astype(np.uint8)
-            pred[p, k] = cv2.resize(lab, (W, H), interpolation=cv2.INTER_NEAREST)
+            # NEAREST_EXACT is centre-aligned like INTER_LINEAR; INTER_NEAREST is not.
+            pred[p, k] = cv2.resize(lab, (W, H), interpolation=cv2.INTER_NEAREST_EXACT)
     return pred
 
 

@@ -36,8 +36,9 @@ MANIFEST = MODELS / "cxr_triage.yaml"
 # with split 1..3; this seed shares no stream with any of them.
 FRESH_SEED = 4242
 N_FRESH = 160
-# Chance that a correct model fails one of the statistical checks below.
-ALPHA = 0.001
+# Chance that a model as good as its manifest fails one of the statistical
+# checks below on this set size.
+ALPHA = 0.01
 
 
 # --------------------------------------------------------------------------- helpers
@@ -183,7 +184,7 @@ def test_auc_on_fresh_set_matches_manifest(manifest: ModelManifest, fresh: dict,
     labels = fresh["labels"]
     claimed = float(manifest.quality["auc"])
     got = _auc(outputs[0][:, 0], labels)
-    # 3.3 standard errors (one-sided alpha ~0.0005) of an AUC on this set size.
+    # 3.3 standard errors (one-sided ~0.0005) of an AUC on this set size.
     tol = 3.3 * _auc_se(claimed, int(labels.sum()), int((~labels).sum()))
     assert got >= claimed - tol, f"AUC {got:.3f} < {claimed:.3f} - {tol:.3f}"
 
@@ -191,14 +192,21 @@ def test_auc_on_fresh_set_matches_manifest(manifest: ModelManifest, fresh: dict,
 def test_sensitivity_at_threshold_on_fresh_set(manifest: ModelManifest, fresh: dict,
                                                outputs: tuple[np.ndarray, np.ndarray]
                                                ) -> None:
-    """With 80 abnormal images, a true sensitivity of 0.99 still misses 0-3 of
-    them by chance; we allow the misses a Binomial(80, 1 - held-out
-    sensitivity) exceeds with probability < 0.001 (typically 4 = 5 %)."""
+    """Sensitivity tolerance sized for 80 abnormal images.
+
+    The expected sensitivity is the lower of the held-out value and the 0.99
+    target (a held-out 1.0 on 500 images does not promise 1.0).  At 0.99 a
+    model misses on average 0.8 of 80 images, and Binomial(80, 0.01) exceeds
+    3 misses with probability < 0.01 (0.009): so up to 3 misses (sensitivity
+    >= 96.25 %) pass, 4 or more fail.
+    """
     labels = fresh["labels"]
     pred = outputs[0][:, 0] >= manifest.classification.threshold
     n_abn = int(labels.sum())
     misses = int((~pred[labels]).sum())
-    allowed = _max_failures(n_abn, float(manifest.quality["sensitivity"]))
+    expected = min(float(manifest.quality["sensitivity"]),
+                   float(manifest.classification.target_sensitivity or 1.0))
+    allowed = _max_failures(n_abn, expected)
     assert misses <= allowed, f"{misses}/{n_abn} abnormal missed, allowed {allowed}"
     # Specificity: the share of normals auto-triaged must not collapse either.
     n_nor = int((~labels).sum())

@@ -14,7 +14,7 @@ import numpy as np
 from dicom_node.infer.manifest import (LinearNorm, ModelManifest, PercentileNorm, WindowNorm,
                                         ZScoreNorm)
 
-__all__ = ["normalize", "denormalize", "pad_to_multiple", "run_image_to_image"]
+__all__ = ["normalize", "denormalize", "pad_to_multiple", "run_image_to_image", "run_segmentation"]
 
 
 def normalize(images: np.ndarray, manifest: ModelManifest) -> np.ndarray:
@@ -102,3 +102,29 @@ def _tiled(batch: np.ndarray, infer: Callable[[np.ndarray], np.ndarray], tile: i
             out[:, y:min(h, y + step), x:min(w, x + step)] = \
                 result[:, ky:ky + min(step, h - y), kx:kx + min(step, w - x)]
     return out
+
+
+def run_segmentation(images: np.ndarray, pixel_spacing: tuple[float, float], manifest: ModelManifest,
+                     infer: Callable[[np.ndarray], np.ndarray], batch_size: int) -> np.ndarray:
+    """Label maps (N, H, W) uint8 for a (N, H, W) stack of 2D images.
+
+    Each image is resampled to the model's pixel spacing, normalised, padded
+    to the network's size multiple, segmented (argmax over classes), and the
+    labels are mapped back to the source grid with nearest neighbour, so the
+    result lines up pixel for pixel with the source frames.
+    """
+    import cv2
+
+    n, h, w = images.shape
+    target = manifest.pixel_spacing_mm or pixel_spacing
+    scale = (pixel_spacing[0] / target[0], pixel_spacing[1] / target[1])
+    size = (max(8, int(round(w * scale[1]))), max(8, int(round(h * scale[0]))))
+    resampled = np.stack([cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale[0] < 1
+                                     else cv2.INTER_LINEAR) for img in images.astype(np.float32)])
+    x = normalize(resampled, manifest)
+    padded, (rh, rw) = pad_to_multiple(x[:, None], manifest.size_multiple)
+    labels = np.empty((n, rh, rw), np.uint8)
+    for start in range(0, n, batch_size):
+        logits = infer(np.ascontiguousarray(padded[start:start + batch_size]))
+        labels[start:start + batch_size] = np.argmax(logits[:, :, :rh, :rw], axis=1).astype(np.uint8)
+    return np.stack([cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST) for lab in labels])

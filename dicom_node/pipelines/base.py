@@ -34,6 +34,8 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
     # Free-form facts for the job log (counts, measurements), no patient data.
     summary: dict[str, Any] = field(default_factory=dict)
+    # A result class (e.g. "abnormal") that a route may send elsewhere.
+    outcome: str | None = None
 
 
 class Pipeline(Protocol):
@@ -72,4 +74,4 @@ def pipeline_names() -> list[str]:
 def _load_builtin() -> None:
     # Importing registers them; done lazily so a pipeline's heavy imports
     # do not slow down the receiver.
-    from dicom_node.pipelines import ct_denoise  # noqa: F401
+    from dicom_node.pipelines import cardiac_seg, ct_denoise, cxr_triage  # noqa: F401

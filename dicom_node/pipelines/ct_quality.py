@@ -36,13 +36,13 @@ import numpy as np
 from dicom_node.errors import PipelineError
 
 __all__ = [
-    "Roi",
-    "QualityRegions",
-    "RoiStats",
-    "QualityMeasurement",
+    "AIR_HU_MAX",
     "BLOOD_HU_RANGE",
     "FAT_HU_RANGE",
-    "AIR_HU_MAX",
+    "QualityMeasurement",
+    "QualityRegions",
+    "Roi",
+    "RoiStats",
     "choose_regions",
     "measure",
 ]
@@ -76,8 +76,8 @@ class Roi:
     def mask(self, shape: tuple[int, int]) -> np.ndarray:
         """Boolean (rows, cols) mask of the ROI for a slice of ``shape``."""
         m = np.zeros(shape, np.uint8)
-        axes = (max(1, int(round(self.radius_mm / self.pixel_spacing_mm[1]))),
-                max(1, int(round(self.radius_mm / self.pixel_spacing_mm[0]))))
+        axes = (max(1, round(self.radius_mm / self.pixel_spacing_mm[1])),
+                max(1, round(self.radius_mm / self.pixel_spacing_mm[0])))
         cv2.ellipse(m, (self.centre[1], self.centre[0]), axes, 0, 0, 360, 1, -1)
         return m.astype(bool)
 
@@ -120,8 +120,8 @@ def _check_volume(volume_hu: np.ndarray) -> np.ndarray:
 
 
 def _ellipse_kernel(radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
-    rr = max(1, int(round(radius_mm / spacing[0])))
-    rc = max(1, int(round(radius_mm / spacing[1])))
+    rr = max(1, round(radius_mm / spacing[0]))
+    rc = max(1, round(radius_mm / spacing[1]))
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rc + 1, 2 * rr + 1))
 
 
@@ -162,7 +162,7 @@ def _tissue_masks(vol: np.ndarray, spacing: tuple[float, float], lo: float, hi: 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` plus every region it fully encloses."""
-    n, lab = cv2.connectedComponents(1 - mask, connectivity=4)
+    _, lab = cv2.connectedComponents(1 - mask, connectivity=4)
     border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
     return (~np.isin(lab, border)).astype(np.uint8) | mask
 
@@ -217,7 +217,7 @@ def _largest_component(masks: list[np.ndarray], spacing: tuple[float, float],
     for z, m in enumerate(masks):
         if not m.any():
             continue
-        n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        _, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
         for i in np.argsort(-stats[1:, cv2.CC_STAT_AREA]) + 1:
             area = int(stats[i, cv2.CC_STAT_AREA])
             if best is not None and area <= best[0]:

@@ -289,6 +289,11 @@ class Store:
                FROM instances WHERE sop_uid=?""", (sop_uid,)).fetchone()
         return InstanceRecord(**dict(row)) if row else None
 
+    def spool_bytes(self) -> int:
+        """Bytes of the spooled files, from the sizes recorded at reception:
+        one SQL sum, no walk of the spool at every scrape."""
+        return self._conn().execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()[0]
+
     def count_instances(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0]
 

@@ -34,17 +34,17 @@ import cv2
 import numpy as np
 
 __all__ = [
-    "Tissue",
+    "DEFAULT_I0",
+    "MU_WATER_PER_MM",
     "CtSlice",
     "CtVolume",
-    "MU_WATER_PER_MM",
-    "DEFAULT_I0",
+    "Tissue",
+    "fbp",
+    "forward_project",
+    "hu_to_mu",
     "make_slice",
     "make_volume",
-    "hu_to_mu",
     "mu_to_hu",
-    "forward_project",
-    "fbp",
 ]
 
 # Linear attenuation of water at an effective energy of ~70 keV (1/mm).
@@ -194,12 +194,12 @@ class _Canvas:
     def _pt(self, x_mm: float, y_mm: float) -> tuple[int, int]:
         c = (self.size - 1) / 2
         f = 1 << self._SHIFT
-        return (int(round((c + x_mm / self.px) * f)), int(round((c + y_mm / self.px) * f)))
+        return (round((c + x_mm / self.px) * f), round((c + y_mm / self.px) * f))
 
     def _mask_ellipse(self, x: float, y: float, a: float, b: float, angle: float) -> np.ndarray:
         m = np.zeros((self.size, self.size), np.uint8)
         f = 1 << self._SHIFT
-        axes = (max(1, int(round(a / self.px * f))), max(1, int(round(b / self.px * f))))
+        axes = (max(1, round(a / self.px * f)), max(1, round(b / self.px * f)))
         cv2.ellipse(m, self._pt(x, y), axes, angle, 0, 360, 1, -1, cv2.LINE_8, self._SHIFT)
         return m.astype(bool)
 

@@ -1,0 +1,51 @@
+"""Secondary captures (highdicom SCImage): pictures of results for PACS
+viewers that cannot display SEG or SR, with the result burned in."""
+
+from __future__ import annotations
+
+import numpy as np
+import highdicom as hd
+from pydicom import Dataset
+
+from dicom_node.encode.provenance import MANUFACTURER, Provenance
+
+__all__ = ["secondary_capture", "patient_orientation"]
+
+_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
+
+
+def patient_orientation(orientation: np.ndarray) -> tuple[str, str]:
+    """PatientOrientation (row, column directions) from ImageOrientationPatient,
+    by each direction's dominant axis."""
+    def letter(v: np.ndarray) -> str:
+        axis = int(np.argmax(np.abs(v)))
+        return _LETTERS[axis][0 if v[axis] > 0 else 1]
+    o = np.asarray(orientation, float)
+    return letter(o[:3]), letter(o[3:])
+
+
+def secondary_capture(reference: Dataset, rgb: np.ndarray, prov: Provenance, *, role: str,
+                      series_number: int, description: str,
+                      orientation: tuple[str, str] | None = None) -> hd.sc.SCImage:
+    """An RGB secondary capture in the reference's study, with the burned-in
+    annotation flagged and the IHE AIR Contributing Equipment item."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"secondary capture needs an RGB uint8 image, got {rgb.dtype} {rgb.shape}")
+    if orientation is None:
+        orientation = patient_orientation(np.array(reference.get("ImageOrientationPatient",
+                                                                  [1, 0, 0, 0, 1, 0]), float))
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=reference, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", patient_orientation=orientation,
+        series_instance_uid=prov.uid(f"{role}-series"), series_number=series_number,
+        sop_instance_uid=prov.uid(role), instance_number=1, manufacturer=MANUFACTURER,
+        series_description=description[:64],
+    )
+    sc.BurnedInAnnotation = "YES"
+    if "Laterality" not in sc:
+        # Type 2C; dciodvfy asks for it whenever it cannot rule the condition out.
+        sc.Laterality = reference.get("Laterality", "")
+    sc.ContributingEquipmentSequence = [prov.contributing_equipment()]
+    sc.ContributingEquipmentSequence[0].DeviceUID = prov.device_uid
+    sc.DerivationDescription = f"Result image of {prov.description}; AI output, not for diagnosis unless validated"
+    return sc

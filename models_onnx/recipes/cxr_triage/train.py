@@ -1,0 +1,564 @@
+"""Train, export and document the reference chest X-ray normality triage model.
+
+Reproduces ``models_onnx/cxr_triage.onnx`` and ``models_onnx/cxr_triage.yaml``
+from synthetic radiographs (``dicom_node.synthetic.cxr_phantom``):
+
+1. generate seeded train / validation / held-out test sets, half normal and
+   half spread evenly over the five findings and two severities, at random
+   sizes and aspect ratios, letterboxed and normalised exactly as the
+   pipeline does (see ``letterbox`` and ``normalize``);
+2. train a small fully convolutional CNN whose last layer is a 1x1 "class
+   activation" convolution: it gives an abnormality logit per location, the
+   image logit is a smooth maximum (log-mean-exp) of that map, so the heat
+   map is by construction what the decision was made from;
+3. export to ONNX (opset 17) with outputs ``probability`` [N, 1] and
+   ``heatmap`` [N, 1, 256, 256], check onnxruntime against torch;
+4. choose the operating threshold on the validation set for >= 99 %
+   sensitivity to abnormal, measure the held-out set, write the manifest.
+
+Usage (from the repository root)::
+
+    .venv/bin/python models_onnx/recipes/cxr_triage/train.py [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO))
+
+from dicom_node.synthetic.cxr_phantom import FINDINGS, SEVERITIES, make_radiograph  # noqa: E402
+
+__all__ = ["TriageNet", "ExportWrapper", "letterbox", "normalize", "main"]
+
+INPUT_SIZE = 256
+# Sharpness of the log-mean-exp pooling: between mean (-> 0) and max (-> inf);
+# a small nodule must be able to carry the image, a large effusion should not
+# be needed to cover the whole map.
+POOL_R = 4.0
+# Split seeds: one generator per image, seeded (split_seed, index).
+SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
+TARGET_SENSITIVITY = 0.99
+# Abnormal cells are a few percent of the map; up-weight them in the map loss.
+MAP_POS_WEIGHT = 5.0
+RECIPE = "models_onnx/recipes/cxr_triage/train.py"
+
+
+# --------------------------------------------------------------------------- data
+
+def letterbox(image: np.ndarray, size: int = INPUT_SIZE,
+              mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resize keeping aspect ratio so the longer side is ``size``, pad centred.
+
+    The pad is filled with the image minimum (air for MONOCHROME2), so it
+    does not add a new intensity the normalisation has to account for.
+    """
+    rows, cols = image.shape
+    f = size / max(rows, cols)
+    new_r, new_c = max(1, round(rows * f)), max(1, round(cols * f))
+    interp = cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(image.astype(np.float32), (new_c, new_r), interpolation=interp)
+    out = np.full((size, size), float(image.min()), dtype=np.float32)
+    top, left = (size - new_r) // 2, (size - new_c) // 2
+    out[top:top + new_r, left:left + new_c] = small
+    boxed_mask = None
+    if mask is not None:
+        m = cv2.resize(mask.astype(np.uint8), (new_c, new_r),
+                       interpolation=cv2.INTER_NEAREST)
+        boxed_mask = np.zeros((size, size), dtype=bool)
+        boxed_mask[top:top + new_r, left:left + new_c] = m > 0
+    return out, boxed_mask
+
+
+def normalize(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Per-image percentile normalisation to [0, 1] (clipped), after letterboxing."""
+    lo, hi = np.percentile(image, [low, high])
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class Split:
+    """One generated data split at model resolution."""
+
+    x: np.ndarray            # uint8 (n, 256, 256), normalised image * 255
+    y: np.ndarray            # float32 (n,), 1 = abnormal
+    finding: np.ndarray      # str (n,), "normal" or the finding
+    severity: np.ndarray     # str (n,), "" for normal
+    masks: np.ndarray        # bool (n, 256, 256), abnormality masks
+
+
+def split_label(i: int) -> tuple[str | None, str]:
+    """Balanced labels: even indices normal, odd ones cycle findings and severities."""
+    if i % 2 == 0:
+        return None, ""
+    j = i // 2
+    return FINDINGS[j % len(FINDINGS)], SEVERITIES[(j // len(FINDINGS)) % 2]
+
+
+def random_size(rng: np.random.Generator) -> tuple[int, int]:
+    """Image size: mostly near model size, some larger, portrait and landscape."""
+    long_side = INPUT_SIZE if rng.random() < 0.6 else int(rng.integers(300, 513))
+    aspect = rng.uniform(0.80, 1.25)          # rows / columns
+    if aspect >= 1.0:
+        return long_side, max(64, round(long_side / aspect))
+    return max(64, round(long_side * aspect)), long_side
+
+
+def make_split(seed: int, split: str, n: int) -> Split:
+    """Generate a split; image i uses the generator seeded (seed, split id, i)."""
+    x = np.empty((n, INPUT_SIZE, INPUT_SIZE), dtype=np.uint8)
+    masks = np.zeros((n, INPUT_SIZE, INPUT_SIZE), dtype=bool)
+    y = np.zeros(n, dtype=np.float32)
+    findings, severities = [], []
+    for i in range(n):
+        finding, severity = split_label(i)
+        rng = np.random.default_rng([seed, SPLIT_SEEDS[split], i])
+        rad = make_radiograph(rng, finding, random_size(rng), severity or None)
+        img, m = letterbox(rad.image, mask=rad.mask)
+        x[i] = np.round(normalize(img) * 255.0).astype(np.uint8)
+        masks[i] = m
+        y[i] = float(finding is not None)
+        findings.append(finding or "normal")
+        severities.append(severity)
+    return Split(x, y, np.array(findings), np.array(severities), masks)
+
+
+def load_or_make(work: Path, seed: int, split: str, n: int) -> Split:
+    """Cache generated splits in the work folder (keyed by seed, split and size)."""
+    path = work / f"{split}_seed{seed}_n{n}.npz"
+    if path.exists():
+        d = np.load(path)
+        return Split(d["x"], d["y"], d["finding"], d["severity"], d["masks"])
+    s = make_split(seed, split, n)
+    np.savez(path, x=s.x, y=s.y, finding=s.finding, severity=s.severity, masks=s.masks)
+    return s
+
+
+# --------------------------------------------------------------------------- model
+
+def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TriageNet(nn.Module):
+    """Small CNN: 2x input pooling, stride-16 features, dilated context, CAM head.
+
+    The 256 px input is average-pooled to 128 px first: it quarters the cost
+    (the recipe must train on two CPU cores) and the subtle findings of the
+    phantom are still 2-3 px wide there.  Dilations 2-4-2 on the stride-16 map
+    give a receptive field covering the whole image, which cardiomegaly (a
+    ratio of two widths) needs.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int] = (12, 24, 32, 48)) -> None:
+        super().__init__()
+        a, b, c, d = widths
+        self.features = nn.Sequential(
+            nn.AvgPool2d(2),
+            _cbr(1, a, 2), _cbr(a, b, 2), _cbr(b, b), _cbr(b, c, 2),
+            _cbr(c, c, 1, 2), _cbr(c, d, 1, 4), _cbr(d, d, 1, 2))
+        self.cam = nn.Conv2d(d, 1, 1)
+
+    def activation_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-location abnormality logits, (N, 1, H/16, W/16)."""
+        return self.cam(self.features(x))
+
+    @staticmethod
+    def pool(cam: torch.Tensor) -> torch.Tensor:
+        """Image logit (N, 1): log-mean-exp of the activation map."""
+        flat = cam.flatten(1) * POOL_R
+        return (torch.logsumexp(flat, dim=1, keepdim=True)
+                - math.log(flat.shape[1])) / POOL_R
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.activation_map(x))
+
+
+class ExportWrapper(nn.Module):
+    """Graph as deployed: probability of abnormal and a [0, 1] heat map.
+
+    heatmap = relu(upsampled activation map) / max(its maximum, 1): zero where
+    the model sees no abnormality, 1 at the strongest evidence once that
+    evidence is confident (local logit >= 1), so a normal image gives a
+    near-empty map instead of amplified noise.
+    """
+
+    def __init__(self, net: TriageNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cam = self.net.activation_map(x)
+        probability = torch.sigmoid(self.net.pool(cam))
+        up = F.interpolate(cam, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
+                           align_corners=False)
+        up = torch.relu(up)
+        peak = up.amax(dim=(2, 3), keepdim=True).clamp_min(1.0)
+        return probability, up / peak
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    """uint8 (n, H, W) -> float32 (n, 1, H, W) in [0, 1]."""
+    return torch.from_numpy(x).float().div_(255.0).unsqueeze(1)
+
+
+def train(net: TriageNet, tr: Split, va: Split, epochs: int, batch: int, lr: float,
+          seed: int, map_weight: float) -> None:
+    """AdamW with a one-cycle schedule; prints validation AUC per epoch.
+
+    Loss = image-level BCE + ``map_weight`` * location-level BCE of the
+    activation map against the abnormality mask (area fraction per stride-8
+    cell; all zero for normal images).  The dense target is what makes a
+    model this small learn in minutes, and it teaches the heat map to point
+    at the finding rather than at whatever correlates with it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(tr.y) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.15)
+    y_all = torch.from_numpy(tr.y)
+    for epoch in range(epochs):
+        net.train()
+        t0, total = time.perf_counter(), 0.0
+        order = torch.randperm(len(tr.y), generator=gen)
+        for start in range(0, len(order), batch):
+            idx = order[start:start + batch].numpy()
+            x = to_tensor(tr.x[idx])
+            # Mild intensity augmentation: the pipeline normalises, but real
+            # exposure differences survive it as a non-linear tone curve.
+            gamma = torch.empty(len(idx), 1, 1, 1).uniform_(0.8, 1.25, generator=gen)
+            x = x.clamp_min(1e-4) ** gamma
+            cam = net.activation_map(x)
+            target = F.avg_pool2d(torch.from_numpy(tr.masks[idx]).float().unsqueeze(1),
+                                  INPUT_SIZE // cam.shape[-1])
+            loss = (F.binary_cross_entropy_with_logits(net.pool(cam).squeeze(1),
+                                                       y_all[idx])
+                    + map_weight * F.binary_cross_entropy_with_logits(
+                        cam, target, pos_weight=torch.tensor(MAP_POS_WEIGHT)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        p = predict_torch(net, va.x)
+        print(f"epoch {epoch + 1}/{epochs} loss {total / len(tr.y):.4f} "
+              f"val AUC {auc(p, va.y):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+@torch.no_grad()
+def predict_torch(net: TriageNet, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Probabilities of abnormal with the torch model (eval mode)."""
+    net.eval()
+    out = [torch.sigmoid(net(to_tensor(x[i:i + batch]))).squeeze(1).numpy()
+           for i in range(0, len(x), batch)]
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- export
+
+def export_onnx(net: TriageNet, path: Path) -> None:
+    """Export ExportWrapper to ONNX opset 17 with a dynamic batch axis."""
+    wrapper = ExportWrapper(net).eval()
+    example = torch.zeros(2, 1, INPUT_SIZE, INPUT_SIZE)
+    torch.onnx.export(
+        wrapper, (example,), str(path), input_names=["input"],
+        output_names=["probability", "heatmap"], opset_version=17,
+        # The TorchScript exporter emits opset 17 natively; the dynamo one
+        # builds opset 18 and its down-conversion breaks ReduceLogSumExp.
+        dynamo=False, dynamic_axes={"input": {0: "N"}, "probability": {0: "N"},
+                                    "heatmap": {0: "N"}})
+
+
+def run_onnx(path: Path, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (n,), heat maps (n, 256, 256)) with onnxruntime on CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    probs, maps = [], []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch].astype(np.float32)[:, None] / 255.0
+        p, h = sess.run(["probability", "heatmap"], {"input": xb})
+        probs.append(p[:, 0])
+        maps.append(h[:, 0])
+    return np.concatenate(probs), np.concatenate(maps)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- metrics
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC via the Mann-Whitney statistic (ties count one half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order), dtype=np.float64)
+    allv = np.concatenate([pos, neg])[order]
+    # Average ranks over ties.
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+        i = j + 1
+    r_pos = ranks[:len(pos)].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def choose_threshold(p_abnormal: np.ndarray, target: float) -> float:
+    """Largest threshold with sensitivity >= target (abnormal iff p >= threshold).
+
+    Rounded *down* to 6 significant digits so that writing it to YAML can
+    only raise, never lower, the validation sensitivity.
+    """
+    s = np.sort(p_abnormal)
+    misses = int(math.floor((1.0 - target) * len(s) + 1e-9))
+    t = float(s[misses])
+    if t <= 0.0:
+        return 0.0
+    digits = 5 - int(math.floor(math.log10(t)))
+    return math.floor(t * 10 ** digits) / 10 ** digits
+
+
+def heatmap_hits(maps: np.ndarray, masks: np.ndarray, tolerance_px: int = 0) -> np.ndarray:
+    """Per image: does the heat-map maximum fall inside the (dilated) mask?"""
+    hits = np.zeros(len(maps), dtype=bool)
+    kernel = None
+    if tolerance_px > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE,
+                                           (2 * tolerance_px + 1, 2 * tolerance_px + 1))
+    for i, (h, m) in enumerate(zip(maps, masks)):
+        if kernel is not None:
+            m = cv2.dilate(m.astype(np.uint8), kernel) > 0
+        r, c = np.unravel_index(int(np.argmax(h)), h.shape)
+        hits[i] = bool(m[r, c])
+    return hits
+
+
+def evaluate(p: np.ndarray, maps: np.ndarray, s: Split, threshold: float) -> dict:
+    """Held-out metrics for the manifest's quality section."""
+    pred = p >= threshold
+    abn, nor = s.y == 1, s.y == 0
+    per_finding, per_severity, hit_by_finding = {}, {}, {}
+    hits = heatmap_hits(maps[abn], s.masks[abn])
+    hits_tol = heatmap_hits(maps[abn], s.masks[abn], tolerance_px=8)
+    abn_findings = s.finding[abn]
+    for f in FINDINGS:
+        sel = s.finding == f
+        per_finding[f] = round(float(pred[sel].mean()), 4)
+        per_severity[f] = {sev: round(float(pred[sel & (s.severity == sev)].mean()), 4)
+                           for sev in SEVERITIES}
+        hit_by_finding[f] = round(float(hits[abn_findings == f].mean()), 4)
+    sens = float(pred[abn].mean())
+    spec = float((~pred[nor]).mean())
+    return {
+        "auc": round(auc(p, s.y), 4),
+        "sensitivity": round(sens, 4),
+        "specificity": round(spec, 4),
+        "normals_auto_triaged": round(spec, 4),
+        "abnormal_missed": int((~pred[abn]).sum()),
+        "per_finding_sensitivity": per_finding,
+        "per_finding_severity_sensitivity": per_severity,
+        "heatmap_hit_rate": round(float(hits.mean()), 4),
+        "heatmap_hit_rate_by_finding": hit_by_finding,
+        "heatmap_hit_rate_within_8px": round(float(hits_tol.mean()), 4),
+    }
+
+
+# --------------------------------------------------------------------------- manifest
+
+def write_manifest(path: Path, onnx_name: str, digest: str, threshold: float,
+                   val_sens: float, val_spec: float, quality: dict, training: dict) -> None:
+    """Write the YAML manifest (validated against dicom_node.infer.manifest)."""
+    manifest = {
+        "name": "cxr_triage",
+        "version": "1.0.0",
+        # DICOM CID 7162 (Surface Processing Algorithm Family), DCM 123110.
+        "family": {"scheme": "DCM", "value": "123110", "meaning": "Artificial Intelligence"},
+        "description": (
+            "Chest X-ray normality triage: probability that a frontal chest "
+            "radiograph is abnormal (nodule/mass, consolidation, pleural "
+            "effusion, pneumothorax, cardiomegaly) and a class-activation heat "
+            "map of where the evidence is. Small CNN (7 conv layers and a 1x1 "
+            "class-activation head), trained on synthetic radiographs."),
+        "intended_use": (
+            "Reference model trained only on synthetic images, shipped to validate "
+            "the dicom-node pipeline end to end (decoding, letterboxing, "
+            "normalisation, inference, heat-map and result encoding). It is NOT "
+            "for clinical use and has never seen a real radiograph. Even a "
+            "clinically validated model of this kind is an AI triage aid that "
+            "prioritises the reading worklist, not a diagnosis: every image "
+            "still needs a radiologist's report."),
+        "onnx": onnx_name,
+        "sha256": digest,
+        "task": "classification",
+        "inputs": [{"name": "input", "shape": [None, 1, INPUT_SIZE, INPUT_SIZE],
+                    "dtype": "float32", "layout": "NCHW"}],
+        "outputs": [
+            {"name": "probability", "shape": [None, 1], "dtype": "float32",
+             "layout": "NC"},
+            {"name": "heatmap", "shape": [None, 1, INPUT_SIZE, INPUT_SIZE],
+             "dtype": "float32", "layout": "NCHW"},
+        ],
+        "normalization": {"kind": "percentile", "low": 1.0, "high": 99.0},
+        "input_size": [INPUT_SIZE, INPUT_SIZE],
+        "classification": {
+            "classes": ["normal", "abnormal"],
+            "positive_class": "abnormal",
+            "threshold": threshold,
+            "target_sensitivity": TARGET_SENSITIVITY,
+            "heatmap_output": "heatmap",
+        },
+        "quality": {
+            **quality,
+            "threshold_rule": "abnormal if probability >= threshold",
+            "threshold_chosen_on": "validation set",
+            "validation_sensitivity": round(val_sens, 4),
+            "validation_specificity": round(val_spec, 4),
+            "heatmap_hit_rule": (
+                "share of abnormal held-out images whose heat-map maximum lies "
+                "inside the abnormality mask (letterboxed to 256 x 256)"),
+            "caveat": "measured on synthetic phantoms only; says nothing about real images",
+        },
+        "training": training,
+    }
+    path.write_text("# Generated by " + RECIPE + "; do not edit by hand.\n"
+                    + yaml.safe_dump(manifest, sort_keys=False, width=88),
+                    encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=20260517)
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-val", type=int, default=1000)
+    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=18)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--map-weight", type=float, default=1.0,
+                    help="weight of the mask-supervised activation-map loss")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch/onnxruntime threads (default: all cores)")
+    ap.add_argument("--reuse-checkpoint", action="store_true",
+                    help="skip training, export and evaluate work/cxr_triage.pt")
+    ap.add_argument("--out", type=Path, default=REPO / "models_onnx")
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "work")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(1)  # generation is per image and tiny; avoid oversubscription
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    cached = all((args.work / f"{sp}_seed{args.seed}_n{n}.npz").exists()
+                 for sp, n in (("train", args.n_train), ("val", args.n_val),
+                               ("test", args.n_test)))
+    tr = load_or_make(args.work, args.seed, "train", args.n_train)
+    va = load_or_make(args.work, args.seed, "val", args.n_val)
+    te = load_or_make(args.work, args.seed, "test", args.n_test)
+    data_s = time.perf_counter() - t0
+    print(f"data ready in {data_s:.0f} s (cached: {cached})", flush=True)
+
+    net = TriageNet()
+    checkpoint = args.work / "cxr_triage.pt"
+    t0 = time.perf_counter()
+    if args.reuse_checkpoint and checkpoint.exists():
+        net.load_state_dict(torch.load(checkpoint))
+    else:
+        train(net, tr, va, args.epochs, args.batch, args.lr, args.seed, args.map_weight)
+        torch.save(net.state_dict(), checkpoint)
+    train_s = time.perf_counter() - t0
+    net.eval()
+
+    onnx_path = args.out / "cxr_triage.onnx"
+    export_onnx(net, onnx_path)
+    p_val, _ = run_onnx(onnx_path, va.x)
+    p_torch = predict_torch(net, va.x)
+    diff = float(np.abs(p_val - p_torch).max())
+    print(f"onnxruntime vs torch max |dp| = {diff:.2e}", flush=True)
+    if diff > 1e-4:
+        raise SystemExit(f"ONNX export mismatch: {diff}")
+
+    threshold = choose_threshold(p_val[va.y == 1], TARGET_SENSITIVITY)
+    val_sens = float((p_val[va.y == 1] >= threshold).mean())
+    val_spec = float((p_val[va.y == 0] < threshold).mean())
+    print(f"threshold {threshold} (val sens {val_sens:.4f}, spec {val_spec:.4f})")
+
+    p_test, maps = run_onnx(onnx_path, te.x)
+    quality = evaluate(p_test, maps, te, threshold)
+    quality.update({
+        "test_set_size": int(len(te.y)),
+        "test_set_abnormal": int(te.y.sum()),
+        "test_set_seed": [args.seed, SPLIT_SEEDS["test"]],
+        "validation_set_size": int(len(va.y)),
+        "onnxruntime_vs_torch_max_abs_diff": float(f"{diff:.3g}"),
+    })
+    wall = time.perf_counter() - t_start
+    training = {
+        "recipe": RECIPE,
+        "command": " ".join([".venv/bin/python", RECIPE,
+                             *(sys.argv[1:] if argv is None else argv)]),
+        "seed": args.seed,
+        "data": (
+            f"dicom_node.synthetic.cxr_phantom: {args.n_train} train / {args.n_val} "
+            f"validation / {args.n_test} held-out test images, each half normal and "
+            "half split evenly over nodule, consolidation, effusion, pneumothorax and "
+            "cardiomegaly at subtle and obvious severity; sizes 256-512 px long side, "
+            "aspect 0.8-1.25, letterboxed to 256 x 256 (pad = image minimum) and "
+            "percentile-normalised (1, 99, clipped); image i of a split is drawn "
+            "from numpy default_rng([seed, split id, i]), split ids train 1, val 2, "
+            "test 3"),
+        "model": ("TriageNet (2x average pool, 12-24-24-32-32-48-48 conv, stride 16, "
+                  f"dilations 2/4/2, 1x1 CAM head, log-mean-exp pooling r={POOL_R}, "
+                  f"{sum(p.numel() for p in net.parameters())} parameters)"),
+        "epochs": args.epochs,
+        "batch_size": args.batch,
+        "optimizer": f"AdamW one-cycle max lr {args.lr}, weight decay 1e-4",
+        "loss": (f"BCE(image logit) + {args.map_weight} x BCE(activation map, "
+                 f"abnormality mask area per 16x16 cell, pos_weight {MAP_POS_WEIGHT})"),
+        "threads": args.threads,
+        "data_wall_time_s": round(data_s, 1),
+        "data_from_cache": cached,
+        "train_wall_time_s": round(train_s, 1),
+        "total_wall_time_s": round(wall, 1),
+        "torch_version": str(torch.__version__),
+    }
+    write_manifest(args.out / "cxr_triage.yaml", onnx_path.name, sha256(onnx_path),
+                   threshold, val_sens, val_spec, quality, training)
+    print(yaml.safe_dump(quality, sort_keys=False))
+    print(f"wrote {args.out / 'cxr_triage.yaml'} in {wall:.0f} s total")
+
+
+if __name__ == "__main__":
+    main()
