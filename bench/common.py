@@ -81,3 +81,31 @@ def storescu_time(port: int, aec: str, files: list[Path], parallel: int = 1) -> 
 
 def cleanup(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def end_to_end_seconds(node: "NodeProcess", expected_results: int, timeout: float = 600) -> float:
+    """Seconds from the node's completion of the (single) job's series to the
+    destination's acknowledgement of its last result object."""
+    store = node.store()
+    wait_for(lambda: (lambda items: len(items) >= expected_results and all(i.state == "sent" for i in items))(
+        store.outbox_items()), timeout, 0.1, f"{expected_results} results acknowledged")
+    job = store.jobs()[0]
+    last_ack = max(i.sent_at for i in store.outbox_items() if i.sent_at)
+    return last_ack - job.completed_at
+
+
+def write_datasets(folder: Path, datasets: list) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        paths.append(folder / f"{i:05d}.dcm")
+        dcmwrite(paths[-1], ds, enforce_file_format=True)
+    return paths
+
+
+def scp_node(root: Path, scp: "StoreSCP", route: dict) -> "NodeProcess":
+    """A node whose route sends to ``scp``."""
+    return NodeProcess(root / "node", peers=[{"name": "scp", "ae_title": "STORESCP", "host": "127.0.0.1",
+                                              "port": scp.port}],
+                       destinations=[{"name": "scp", "kind": "dicom", "peer": "scp"}],
+                       routes=[{**route, "destinations": ["scp"]}]).start()

@@ -34,7 +34,7 @@ def main() -> None:
             pacs.stop()
             receivers = 1 if parallel == 1 else args.receivers
             node = NodeProcess(root / f"node-{parallel}", routes=[],
-                               node={"workers": 0}).start()
+                               node={"workers": 0, "receivers": receivers}).start()
             results[f"dicom-node x{parallel}"] = storescu_time(node.port, "DICOM_NODE", files, parallel)
             node.stop()
         print(f"{'target':22s} {'inst/s':>8s} {'MB/s':>8s} {'vs storescp':>12s}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from io import BytesIO
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np

@@ -95,7 +95,7 @@ def manifest() -> ModelManifest:
 
 
 @pytest.fixture(scope="module")
-def session(manifest: ModelManifest) -> "ort.InferenceSession":
+def session(manifest: ModelManifest) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     return ort.InferenceSession(str(MODELS / manifest.onnx), opts,
@@ -127,7 +127,7 @@ def fresh(manifest: ModelManifest) -> dict[str, np.ndarray | list[Radiograph]]:
 
 
 @pytest.fixture(scope="module")
-def outputs(session: "ort.InferenceSession",
+def outputs(session: ort.InferenceSession,
             fresh: dict) -> tuple[np.ndarray, np.ndarray]:
     prob, heat = session.run(["probability", "heatmap"], {"input": fresh["x"]})
     return prob, heat
@@ -152,7 +152,7 @@ def test_onnx_checksum_matches_manifest(manifest: ModelManifest) -> None:
 
 
 def test_graph_signature_matches_manifest(manifest: ModelManifest,
-                                          session: "ort.InferenceSession") -> None:
+                                          session: ort.InferenceSession) -> None:
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}
     assert list(inputs) == [t.name for t in manifest.inputs]
@@ -162,7 +162,7 @@ def test_graph_signature_matches_manifest(manifest: ModelManifest,
 
 
 def test_outputs_shape_range_and_batch_independence(
-        manifest: ModelManifest, session: "ort.InferenceSession", fresh: dict,
+        manifest: ModelManifest, session: ort.InferenceSession, fresh: dict,
         outputs: tuple[np.ndarray, np.ndarray]) -> None:
     prob, heat = outputs
     n, size = N_FRESH, manifest.input_size

@@ -127,4 +127,7 @@ def run_segmentation(images: np.ndarray, pixel_spacing: tuple[float, float], man
     for start in range(0, n, batch_size):
         logits = infer(np.ascontiguousarray(padded[start:start + batch_size]))
         labels[start:start + batch_size] = np.argmax(logits[:, :, :rh, :rw], axis=1).astype(np.uint8)
-    return np.stack([cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST) for lab in labels])
+    # INTER_NEAREST samples from pixel corners while the image was resampled
+    # from pixel centres; the _EXACT variant keeps labels on their pixels
+    # (half a pixel of shift cost 0.06 myocardium Dice).
+    return np.stack([cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST_EXACT) for lab in labels])

@@ -220,7 +220,7 @@ def _panel(image: np.ndarray, labels: np.ndarray, title: str) -> np.ndarray:
     grey = np.clip((image - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
     scale = max(1, 384 // max(grey.shape))
     grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    lab = cv2.resize(labels, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    lab = cv2.resize(labels, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST_EXACT)
     rgb = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
     for value, colour in _COLOURS.items():
         contours, _ = cv2.findContours((lab == value).astype(np.uint8), cv2.RETR_EXTERNAL,

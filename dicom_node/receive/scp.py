@@ -52,10 +52,25 @@ _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
 
+# When a context proposes several syntaxes pynetdicom takes the first of ours
+# that was proposed: prefer what keeps the sender's pixels exactly (explicit
+# VR, then lossless compression), then lossy compression over asking a sender
+# to decompress, and Implicit VR and Big Endian last.
+_PREFERRED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.70",
+              "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201",
+              "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.81",
+              "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.50",
+              "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.1.99"]
+_LAST = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+
+
 def supported_transfer_syntaxes() -> list[str]:
-    """Every transfer syntax pydicom knows: we store the bytes as sent, so the
-    only limit is what a pipeline can decode later."""
-    return [str(ts) for ts in AllTransferSyntaxes]
+    """Every transfer syntax pydicom knows, in order of preference: we store
+    the bytes as sent, so the only limit is what a pipeline can decode later."""
+    known = [str(ts) for ts in AllTransferSyntaxes]
+    first = [ts for ts in _PREFERRED if ts in known]
+    last = [ts for ts in _LAST if ts in known]
+    return first + [ts for ts in known if ts not in first and ts not in last] + last
 
 
 def storage_sop_classes() -> list[str]:

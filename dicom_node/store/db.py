@@ -164,6 +164,7 @@ class OutboxItem:
     next_at: float
     created_at: float
     last_error: str | None
+    sent_at: float | None = None
 
 
 class Store:

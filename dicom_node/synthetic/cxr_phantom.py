@@ -45,13 +45,13 @@ import cv2
 import numpy as np
 
 __all__ = [
-    "FINDINGS",
-    "SEVERITIES",
-    "NORMAL_CTR_RANGE",
     "CARDIOMEGALY_CTR_RANGE",
+    "FINDINGS",
+    "NORMAL_CTR_RANGE",
+    "SEVERITIES",
     "Radiograph",
-    "make_radiograph",
     "draw_finding",
+    "make_radiograph",
     "measure_ctr",
 ]
 
@@ -359,7 +359,7 @@ def _ribs(rng: np.random.Generator, frame: _Frame, a: _Anatomy) -> np.ndarray:
     """Posterior ribs as curved bands from the spine to the lateral chest wall."""
     layer = np.zeros((frame.rows, frame.cols), dtype=np.float32)
     t = np.linspace(0.0, 1.0, 24, dtype=np.float32)
-    thick = max(1, int(round(frame.px(rng.uniform(0.016, 0.022)))))
+    thick = max(1, round(frame.px(rng.uniform(0.016, 0.022))))
     spacing = rng.uniform(0.060, 0.068)
     for k in (0, 1):
         sign = -1.0 if k == 0 else 1.0
@@ -378,7 +378,7 @@ def _clavicles(rng: np.random.Generator, frame: _Frame) -> np.ndarray:
     """Two clavicles: S-shaped bands from the sternal notch towards the shoulders."""
     layer = np.zeros((frame.rows, frame.cols), dtype=np.float32)
     t = np.linspace(0.0, 1.0, 16, dtype=np.float32)
-    thick = max(1, int(round(frame.px(rng.uniform(0.022, 0.028)))))
+    thick = max(1, round(frame.px(rng.uniform(0.022, 0.028))))
     y0 = rng.uniform(-0.40, -0.36)
     for sign in (-1.0, 1.0):
         u = 0.04 + 0.32 * t
@@ -405,7 +405,7 @@ def _vessels(rng: np.random.Generator, frame: _Frame, a: _Anatomy) -> np.ndarray
             [np.zeros((branches, 1)), np.cumsum(step * np.sin(ang), axis=1)], axis=1)
         pts = np.round(frame.to_px(sign * u, y) * 16).astype(np.int32)
         for j in range(segments):
-            width = max(1, int(round(frame.px(0.010 * (1.0 - j / segments)))))
+            width = max(1, round(frame.px(0.010 * (1.0 - j / segments))))
             for b in range(branches):
                 cv2.line(layer, (int(pts[b, j, 0]), int(pts[b, j, 1])),
                          (int(pts[b, j + 1, 0]), int(pts[b, j + 1, 1])),

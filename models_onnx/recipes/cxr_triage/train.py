@@ -42,9 +42,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.synthetic.cxr_phantom import FINDINGS, SEVERITIES, make_radiograph  # noqa: E402
+from dicom_node.synthetic.cxr_phantom import FINDINGS, SEVERITIES, make_radiograph
 
-__all__ = ["TriageNet", "ExportWrapper", "letterbox", "normalize", "main"]
+__all__ = ["ExportWrapper", "TriageNet", "letterbox", "main", "normalize"]
 
 INPUT_SIZE = 256
 # Sharpness of the log-mean-exp pooling: between mean (-> 0) and max (-> inf);
@@ -334,11 +334,11 @@ def choose_threshold(p_abnormal: np.ndarray, target: float) -> float:
     only raise, never lower, the validation sensitivity.
     """
     s = np.sort(p_abnormal)
-    misses = int(math.floor((1.0 - target) * len(s) + 1e-9))
+    misses = math.floor((1.0 - target) * len(s) + 1e-9)
     t = float(s[misses])
     if t <= 0.0:
         return 0.0
-    digits = 5 - int(math.floor(math.log10(t)))
+    digits = 5 - math.floor(math.log10(t))
     return math.floor(t * 10 ** digits) / 10 ** digits
 
 
@@ -518,10 +518,10 @@ def main(argv: list[str] | None = None) -> None:
     p_test, maps = run_onnx(onnx_path, te.x)
     quality = evaluate(p_test, maps, te, threshold)
     quality.update({
-        "test_set_size": int(len(te.y)),
+        "test_set_size": len(te.y),
         "test_set_abnormal": int(te.y.sum()),
         "test_set_seed": [args.seed, SPLIT_SEEDS["test"]],
-        "validation_set_size": int(len(va.y)),
+        "validation_set_size": len(va.y),
         "onnxruntime_vs_torch_max_abs_diff": float(f"{diff:.3g}"),
     })
     wall = time.perf_counter() - t_start
