@@ -126,3 +126,28 @@ def test_permanent_refusal_goes_to_dead_letters_once(node_factory, tmp_path):
         assert "dead letters queued again" in node.cli("outbox", "retry").stdout
     finally:
         pacs.stop()
+
+
+def test_peer_accepting_only_implicit_vr_still_gets_results(node_factory, tmp_path):
+    """Files are sent as written when the peer takes Explicit VR, and decoded
+    and re-encoded when it takes only Implicit VR (dcmtk storescp +xi)."""
+    import subprocess
+
+    from helpers import NODELAY_ENV, free_port
+    port = free_port()
+    received = tmp_path / "storescp"
+    received.mkdir()
+    scp = subprocess.Popen(["storescp", "+xi", "-od", str(received), "-aet", "IMPLICIT", str(port)],
+                           env=NODELAY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node = node_factory(peers=[{"name": "old", "ae_title": "IMPLICIT", "host": "127.0.0.1", "port": port}],
+                            destinations=[{"name": "old", "kind": "dicom", "peer": "old"}],
+                            routes=[ct_route(destinations=["old"])]).start()
+        storescu(node.port, write_ct_series(tmp_path / "in", n=3, size=96, seed="implicit"))
+        files = wait_for(lambda: (lambda f: f if len(f) == 4 else None)(list(received.iterdir())), 60,
+                         what="4 results at the implicit-only peer")
+        assert {str(dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files} \
+            == {"1.2.840.10008.1.2"}
+    finally:
+        scp.terminate()
+        scp.wait(10)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pydicom import dcmread
+from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import build_context
+from pynetdicom.transport import AssociationSocket
 
 from dicom_node.config import Peer
 from dicom_node.errors import SendError
@@ -47,10 +51,18 @@ class StoreOutcome:
     reason: str
 
 
+# Send a file's encoded dataset as written instead of decoding and
+# re-encoding it (which cost more than the network in bench/send.py).  This
+# needs an accepted context with the file's exact transfer syntax; where the
+# peer only takes Implicit VR we send a decoded dataset instead (_store_one).
+_config.STORE_SEND_CHUNKED_DATASET = True
+
 # pynetdicom's DUL thread sleeps this long when it finds nothing to do (1 ms
-# by default); each C-STORE round trip hits several such idle checks, so a
-# shorter nap sends measurably faster (bench/send.py) at a little idle CPU.
-_LOOP_DELAY = 0.0002
+# by default).  Each C-STORE round trip of a sender hits several such idle
+# checks, so a shorter nap sends measurably faster (bench/send.py); the
+# receiver keeps the default, where many idle associations would spin.
+SEND_LOOP_DELAY = 0.0002
+RECEIVE_LOOP_DELAY = 0.001
 
 
 def status_is_success(status: int) -> bool:
@@ -58,12 +70,32 @@ def status_is_success(status: int) -> bool:
     return status == 0x0000 or (status & 0xF000) == 0xB000
 
 
+def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv without its 4 KiB reads: a 512 KiB CT slice
+    took 128 recv calls and as many bytearray extensions; this fills one
+    buffer in place with as few calls as the kernel allows."""
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    nr_read = 0
+    sock = self.socket
+    while nr_read < nr_bytes:
+        n = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, 1 << 20))
+        if not n:
+            return buffer[:nr_read]
+        nr_read += n
+    return buffer
+
+
 def tune_association(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: no Nagle delay, shorter DUL idle naps."""
-    event.assoc.dul._run_loop_delay = _LOOP_DELAY
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """EVT_CONN_OPEN handler: no Nagle delay, the DUL idle nap for our role,
+    and large socket reads, for this association only."""
+    transport = event.assoc.dul.socket
+    event.assoc.dul._run_loop_delay = SEND_LOOP_DELAY if event.assoc.is_requestor else RECEIVE_LOOP_DELAY
+    if transport is None or transport.socket is None:
+        return
+    transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not isinstance(transport.socket, ssl.SSLSocket):
+        transport.recv = types.MethodType(_recv_exact, transport)
 
 
 def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
@@ -77,9 +109,10 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     classes = sorted({r.sop_class for r in requests})
-    if len(classes) > 128:
+    if 2 * len(classes) > 128:
         raise SendError(peer.name, f"{len(classes)} SOP classes in one batch", retryable=False)
-    contexts = [build_context(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for c in classes]
+    # One context per syntax, so the peer can accept the exact one our files use.
+    contexts = [build_context(c, [ts]) for c in classes for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
     assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, tune_association)])
     if assoc.is_rejected:
@@ -87,15 +120,16 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     if not assoc.is_established:
         raise SendError(peer.name, f"cannot connect to {peer.host}:{peer.port} "
                         f"(refused, aborted or timed out)", retryable=True)
-    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     outcomes: list[StoreOutcome] = []
     try:
         for req in requests:
-            if req.sop_class not in accepted:
+            syntaxes = {ts for cls, ts in accepted if cls == req.sop_class}
+            if not syntaxes:
                 outcomes.append(StoreOutcome(req.item_id, False, False,
                                              f"{peer.ae_title} does not accept SOP class {req.sop_class}"))
                 continue
-            outcomes.append(_store_one(assoc, req, peer))
+            outcomes.append(_store_one(assoc, req, peer, syntaxes))
             if not assoc.is_established:
                 break
     finally:
@@ -107,9 +141,11 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     return outcomes
 
 
-def _store_one(assoc, req: StoreRequest, peer: Peer) -> StoreOutcome:
+def _store_one(assoc, req: StoreRequest, peer: Peer, syntaxes: set[str]) -> StoreOutcome:
     try:
-        rsp = assoc.send_c_store(req.path)
+        as_written = str(dcmread(req.path, stop_before_pixels=True, specific_tags=[]).file_meta
+                         .TransferSyntaxUID) in syntaxes
+        rsp = assoc.send_c_store(req.path if as_written else dcmread(req.path))
     except (OSError, ValueError, AttributeError) as exc:
         return StoreOutcome(req.item_id, False, False, f"cannot send {req.path.name}: {exc}")
     status = int(rsp.get("Status", -1)) if rsp else -1
