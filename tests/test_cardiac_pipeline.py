@@ -100,3 +100,27 @@ def test_duplicate_and_missing_frames_are_handled(model, study, caplog):
     assert "dropped duplicate frame" in caplog.text
     assert "left out 1 slice locations" in caplog.text
     assert result.summary["slices"] == study.images.shape[1] - 1
+
+
+def test_enhanced_multiframe_cine_gives_the_same_result_and_valid_segs(model, study, tmp_path):
+    singles = _series(study)
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
+        singles, series_instance_uid=singles[0].SeriesInstanceUID + ".1", series_number=9,
+        sop_instance_uid=singles[0].SOPInstanceUID + ".1", instance_number=1)
+    buf = BytesIO()
+    enhanced.save_as(buf)
+    buf.seek(0)
+    multi = dcmread(buf)
+    result = _run(model, [multi])
+    assert result.summary == _run(model, singles).summary
+    positions = {int(i + 1): [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]
+                 for i, f in enumerate(multi.PerFrameFunctionalGroupsSequence)}
+    for ds in [d for d in result.datasets if d.SOPClassUID == SEG]:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        dcmwrite(path, ds, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], path
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            src = frame.DerivationImageSequence[0].SourceImageSequence[0]
+            assert src.ReferencedSOPInstanceUID == multi.SOPInstanceUID
+            assert np.allclose(positions[int(src.ReferencedFrameNumber)],
+                               [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])

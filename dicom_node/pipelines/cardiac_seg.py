@@ -126,25 +126,17 @@ def _segmentation(cine: Cine, labels: np.ndarray, phase: int, name: str, number:
                   prov: Provenance) -> hd.seg.Segmentation:
     """One SEG for one phase, frames matched exactly to their source frames."""
     frames = cine.frames[phase]
-    multiframe = {id(f.dataset): f.dataset for f in frames if f.frame is not None}
-    if multiframe:
-        if len(multiframe) != 1:
-            raise PipelineError("cardiac SEG from several multi-frame sources is not supported")
-        source = next(iter(multiframe.values()))
-        array = np.zeros((int(source.NumberOfFrames), int(source.Rows), int(source.Columns)), np.uint8)
-        for s, f in enumerate(frames):
-            array[f.frame - 1] = labels[phase, s]
-        sources = [source]
-    else:
-        sources = [f.dataset for f in frames]
-        array = labels[phase]
+    sources = list({str(f.dataset.SOPInstanceUID): f.dataset for f in frames}.values())
+    array = labels[phase]
     geometry: dict = {}
-    if len({str(d.SeriesInstanceUID) for d in sources}) > 1:
-        # One series per slice location: highdicom infers frame positions only
-        # from a single series, so give each frame its plane explicitly and
-        # record the other series' images as further sources.
+    explicit = len({str(d.SeriesInstanceUID) for d in sources}) > 1 or any(f.frame for f in frames)
+    if explicit:
+        # One series per slice location, or a multi-frame cine whose frames
+        # repeat each position once per phase: highdicom can infer frame
+        # positions from neither, so each frame gets its plane explicitly and
+        # its source frame is referenced afterwards (_reference_source_frames).
         geometry = {
-            "further_source_images": sources[1:],
+            "further_source_images": sources[1:] or None,
             "plane_positions": [hd.PlanePositionSequence("PATIENT", [float(v) for v in f.position])
                                 for f in frames],
             "plane_orientation": hd.PlaneOrientationSequence("PATIENT",
@@ -169,7 +161,35 @@ def _segmentation(cine: Cine, labels: np.ndarray, phase: int, name: str, number:
         contributing_equipment=[prov.contributing_equipment()],
     )
     seg.ContributingEquipmentSequence[0].DeviceUID = prov.device_uid
+    if explicit:
+        _reference_source_frames(seg, frames)
     return seg
+
+
+def _reference_source_frames(seg: hd.seg.Segmentation, frames: list) -> None:
+    """Give each SEG frame a Derivation Image item naming its source image
+    (and frame), matched by plane position."""
+    by_position = {tuple(np.round(f.position, 3)): f for f in frames}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        position = tuple(np.round([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient], 3))
+        frame = by_position.get(position)
+        if frame is None:
+            raise PipelineError("SEG frame at a position no source frame has")
+        source = Dataset()
+        source.ReferencedSOPClassUID = frame.dataset.SOPClassUID
+        source.ReferencedSOPInstanceUID = frame.dataset.SOPInstanceUID
+        if frame.frame is not None:
+            source.ReferencedFrameNumber = frame.frame
+        purpose = Dataset()
+        purpose.CodeValue, purpose.CodingSchemeDesignator = "121322", "DCM"
+        purpose.CodeMeaning = "Source image for image processing operation"
+        source.PurposeOfReferenceCodeSequence = [purpose]
+        derivation = Dataset()
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "113076", "DCM", "Segmentation"
+        derivation.DerivationCodeSequence = [code]
+        derivation.SourceImageSequence = [source]
+        item.DerivationImageSequence = [derivation]
 
 
 def _measure(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept, prov: Provenance,

@@ -126,9 +126,13 @@ def _frames(ds: Dataset) -> list[Frame]:
             pos = _item(item, shared, "PlanePositionSequence", "ImagePositionPatient")
             ori = _item(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
             spc = _item(item, shared, "PixelMeasuresSequence", "PixelSpacing")
-            time = (_item(item, shared, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime")
-                    or _item(item, shared, "FrameContentSequence", "TemporalPositionIndex")
-                    or _item(item, shared, "FrameContentSequence", "FrameAcquisitionNumber") or i)
+            # Enhanced MR says it in Cardiac Synchronization; legacy-converted
+            # images keep the single-frame TriggerTime in an "unassigned" group.
+            time = _first_present(
+                _item(item, shared, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"),
+                _item(item, shared, "UnassignedPerFrameConvertedAttributesSequence", "TriggerTime"),
+                _item(item, shared, "FrameContentSequence", "TemporalPositionIndex"),
+                _item(item, shared, "FrameContentSequence", "FrameAcquisitionNumber"), i)
             if pos is None or ori is None or spc is None:
                 raise PipelineError(f"instance {ds.SOPInstanceUID} frame {i + 1}: no plane geometry")
             out.append(Frame(ds, i + 1, np.array(pos, float), np.array(ori, float),
@@ -144,6 +148,11 @@ def _frames(ds: Dataset) -> list[Frame]:
         time = ds.get("TemporalPositionIdentifier") or ds.get("InstanceNumber") or 0
     return [Frame(ds, None, np.array(pos, float), np.array(ori, float), (float(spc[0]), float(spc[1])),
                   float(time))]
+
+
+def _first_present(*values: object) -> object:
+    """The first value given, where 0 counts (the first phase's trigger time is 0 ms)."""
+    return next(v for v in values if v is not None and v != "")
 
 
 def _item(item: Dataset, shared: Dataset, seq: str, key: str) -> object:
