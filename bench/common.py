@@ -94,15 +94,6 @@ def end_to_end_seconds(node: "NodeProcess", expected_results: int, timeout: floa
     return last_ack - job.completed_at
 
 
-def write_datasets(folder: Path, datasets: list) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, ds in enumerate(datasets):
-        paths.append(folder / f"{i:05d}.dcm")
-        dcmwrite(paths[-1], ds, enforce_file_format=True)
-    return paths
-
-
 def scp_node(root: Path, scp: "StoreSCP", route: dict) -> "NodeProcess":
     """A node whose route sends to ``scp``."""
     return NodeProcess(root / "node", peers=[{"name": "scp", "ae_title": "STORESCP", "host": "127.0.0.1",

@@ -59,6 +59,31 @@ def dataset_bytes(path: Path) -> bytes:
         return fp.read()
 
 
+def roundtrip(datasets: list) -> list:
+    """Encode and decode datasets, as a receiver would see them."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    out = []
+    for ds in datasets:
+        buf = BytesIO()
+        dcmwrite(buf, ds, enforce_file_format=True)
+        buf.seek(0)
+        out.append(dcmread(buf))
+    return out
+
+
+def write_datasets(folder: Path, datasets: list) -> list[Path]:
+    """Write datasets as numbered files; returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        paths.append(folder / f"{i:05d}.dcm")
+        dcmwrite(paths[-1], ds, enforce_file_format=True)
+    return paths
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as rsp:

@@ -16,7 +16,7 @@ from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
 from dicom_node.synthetic import cardiac_phantom
 from dicom_node.synthetic.dicom_mr import cine_series
-from helpers import dciodvfy_errors
+from helpers import dciodvfy_errors, roundtrip
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -31,22 +31,12 @@ def study():
     return cardiac_phantom.make_cine(np.random.default_rng(11), n_slices=8, n_phases=10, size=192)
 
 
-def _roundtrip(datasets):
-    out = []
-    for ds in datasets:
-        buf = BytesIO()
-        dcmwrite(buf, ds, enforce_file_format=True)
-        buf.seek(0)
-        out.append(dcmread(buf))
-    return out
-
-
 def _run(model, datasets):
     return get_pipeline("cardiac_seg").run(PipelineInput(1, "cine", datasets, {"batch_size": 8}), model)
 
 
 def _series(study, **kw):
-    return _roundtrip(cine_series(study.images, seed="cine", pixel_spacing_mm=study.pixel_spacing_mm,
+    return roundtrip(cine_series(study.images, seed="cine", pixel_spacing_mm=study.pixel_spacing_mm,
                                   slice_spacing_mm=study.slice_spacing_mm, **kw))
 
 
@@ -93,7 +83,7 @@ def test_one_series_per_slice_location_gives_the_same_result(model, study):
 
 def test_duplicate_and_missing_frames_are_handled(model, study, caplog):
     source = _series(study)
-    duplicate = _roundtrip([source[3]])[0]
+    duplicate = roundtrip([source[3]])[0]
     duplicate.SOPInstanceUID = duplicate.SOPInstanceUID + ".7"
     # Drop one frame of the last slice location: that location is left out.
     result = _run(model, source[:-1] + [duplicate])

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
-from pydicom.filewriter import dcmwrite
 
 from dicom_node.synthetic import cardiac_phantom, cxr_phantom
 from dicom_node.synthetic.dicom_dx import dx_image
 from dicom_node.synthetic.dicom_mr import cine_series
-from helpers import dciodvfy_errors, storescu, wait_for
+from helpers import dciodvfy_errors, storescu, wait_for, write_datasets
 
 SEG, SC = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.7"
-
-
-def _write(folder: Path, datasets) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, ds in enumerate(datasets):
-        paths.append(folder / f"{i:04d}.dcm")
-        dcmwrite(paths[-1], ds, enforce_file_format=True)
-    return paths
 
 
 def _sop_classes(orthanc, n: int) -> list[str]:
@@ -37,7 +26,7 @@ def test_cine_sent_as_one_series_per_slice_gives_seg_sr_sc(node_factory, orthanc
     node = node_factory(peers=[orthanc.peer()], destinations=[{"name": "pacs", "kind": "dicom", "peer": "pacs"}],
                         routes=[route]).start()
     study = cardiac_phantom.make_cine(np.random.default_rng(5), n_slices=6, n_phases=8, size=160)
-    files = _write(tmp_path / "cine", cine_series(study.images, seed="e2e-cine", per_slice_series=True,
+    files = write_datasets(tmp_path / "cine", cine_series(study.images, seed="e2e-cine", per_slice_series=True,
                                                   pixel_spacing_mm=study.pixel_spacing_mm,
                                                   slice_spacing_mm=study.slice_spacing_mm))
     storescu(node.port, files)
@@ -60,7 +49,7 @@ def test_abnormal_cxr_goes_to_the_priority_destination(node_factory, orthanc, tm
                         routes=[route]).start()
     rad = cxr_phantom.make_radiograph(np.random.default_rng(8), "pneumothorax", size=(768, 640),
                                       severity="obvious")
-    files = _write(tmp_path / "cxr", [dx_image(rad.image, seed="e2e-cxr")])
+    files = write_datasets(tmp_path / "cxr", [dx_image(rad.image, seed="e2e-cxr")])
     storescu(node.port, files)
     classes = _sop_classes(orthanc, 2)
     assert SC in classes and any(c.startswith("1.2.840.10008.5.1.4.1.1.88") for c in classes)

@@ -11,10 +11,10 @@ import datetime as dt
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import CTImageStorage
 
 from dicom_node.encode.provenance import result_uid
+from dicom_node.synthetic._dicom import finish
 
 __all__ = ["ct_series", "SYNTHETIC_PATIENT"]
 
@@ -70,12 +70,6 @@ def ct_series(volume_hu: np.ndarray, *, seed: str, pixel_mm: float = 0.7, slice_
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
         ds.WindowCenter, ds.WindowWidth = 300, 800
         ds.ContrastBolusAgent = "Iodinated contrast (synthetic)"
-        ds.PixelData = stored[z].tobytes()
-        ds["PixelData"].VR = "OW"
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
+        finish(ds, stored[z])
         datasets.append(ds)
     return datasets

@@ -8,10 +8,9 @@ import datetime as dt
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from dicom_node.encode.provenance import result_uid
+from dicom_node.synthetic._dicom import finish
 
 __all__ = ["dx_image", "DX_FOR_PRESENTATION"]
 
@@ -59,11 +58,5 @@ def dx_image(image: np.ndarray, *, seed: str, view: str = "PA", monochrome1: boo
     ds.Rows, ds.Columns = stored.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
     ds.BurnedInAnnotation = "NO"
-    ds.PixelData = stored.tobytes()
-    ds["PixelData"].VR = "OW"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
+    finish(ds, stored)
     return ds

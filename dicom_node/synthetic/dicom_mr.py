@@ -8,10 +8,10 @@ import datetime as dt
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import MRImageStorage
 
 from dicom_node.encode.provenance import result_uid
+from dicom_node.synthetic._dicom import finish
 
 __all__ = ["cine_series", "short_axis_orientation"]
 
@@ -85,12 +85,6 @@ def cine_series(images: np.ndarray, *, seed: str, pixel_spacing_mm: tuple[float,
             ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
             ds.Rows, ds.Columns = rows, cols
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-            ds.PixelData = stored[p, s].tobytes()
-            ds["PixelData"].VR = "OW"
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            ds.file_meta = meta
+            finish(ds, stored[p, s])
             out.append(ds)
     return out
