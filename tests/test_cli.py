@@ -93,12 +93,15 @@ def test_default_config_serves_and_demo_shows_results(tmp_path):
     try:
         wait_for(lambda: http_get(f"http://127.0.0.1:{http_port}/readyz")[0] == 200, 60, what="ready")
         demo = subprocess.run([sys.executable, "-m", "dicom_node.cli", *overrides, "demo", "--slices", "4",
-                               "--size", "128", "--timeout", "120"], capture_output=True, text=True,
+                               "--size", "128", "--timeout", "60"], capture_output=True, text=True,
                               timeout=200)
         assert demo.returncode == 0, demo.stdout + demo.stderr
-        assert "sent 4/4 instances" in demo.stdout
-        assert "5 result objects" in demo.stdout
-        assert len(list((tmp_path / "data" / "results").glob("*.dcm"))) == 5
+        # One study per default route: CT (4 slices -> 4 derived + SR),
+        # cine MR (2 SEG + SR + SC) and a radiograph (SR + SC).
+        assert "[ct_denoise]" in demo.stdout and "sent 4/4 instances" in demo.stdout
+        assert "[cardiac_seg]" in demo.stdout and "[cxr_triage]" in demo.stdout
+        assert demo.stdout.count("done:") == 3
+        assert len(list((tmp_path / "data" / "results").glob("*.dcm"))) == 5 + 4 + 2
     finally:
         os.killpg(node.pid, signal.SIGTERM)
         assert node.wait(60) == 0
