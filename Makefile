@@ -32,7 +32,7 @@ test: $(STAMP) test-peers
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP) test-peers
-	$(PY) bench/ingest.py && $(PY) bench/send.py && $(PY) bench/denoise.py && $(PY) bench/cardiac.py && $(PY) bench/cxr.py
+	$(PY) bench/ingest.py && $(PY) bench/send.py && $(PY) bench/denoise.py && $(PY) bench/cardiac.py && $(PY) bench/cxr.py && $(PY) bench/memory.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

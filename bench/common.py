@@ -17,14 +17,14 @@ from pydicom.filewriter import dcmwrite
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import NodeProcess, Orthanc, free_port, wait_for  # noqa: E402
+from helpers import NodeProcess, Orthanc, free_port, wait_for, write_datasets  # noqa: E402
 
 from dicom_node.synthetic import ct_phantom  # noqa: E402
 from dicom_node.synthetic.dicom_ct import ct_series  # noqa: E402
 
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
 
-__all__ = ["NODELAY", "NodeProcess", "Orthanc", "free_port", "wait_for", "make_series",
+__all__ = ["NODELAY", "NodeProcess", "Orthanc", "free_port", "wait_for", "make_series", "write_datasets",
            "StoreSCP", "storescu_time", "workdir"]
 
 
