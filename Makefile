@@ -3,8 +3,8 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-PEERS   := storescu echoscu storescp dciodvfy Orthanc promtool systemd-analyze
-APT_PKGS := dcmtk orthanc dicom3tools prometheus systemd
+PEERS   := storescu echoscu storescp dciodvfy Orthanc promtool systemd-analyze openssl
+APT_PKGS := dcmtk orthanc dicom3tools prometheus systemd openssl
 
 .PHONY: run test setup test-peers bench clean
 

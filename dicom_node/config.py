@@ -6,18 +6,22 @@ Defaults live here and nowhere else.  Errors name the key and the reason so
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from dicom_node.errors import ConfigError
 
 __all__ = [
     "AETitle",
     "Peer",
+    "TlsSettings",
+    "PeerTlsSettings",
     "DicomDestination",
     "FolderDestination",
     "SenderDestination",
@@ -27,6 +31,7 @@ __all__ = [
     "NodeSettings",
     "InferenceSettings",
     "OutboxSettings",
+    "RetentionSettings",
     "Config",
     "load_config",
     "DEFAULT_CONFIG",
@@ -49,6 +54,72 @@ def _check_ae(value: str) -> str:
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
 
 
+# -- TLS (built into ssl contexts by dicom_node/security/tls.py) ------------------
+# TLS 1.2 or newer only; that is fixed, not a setting.  Relative paths resolve
+# against the config's base dir (as data_dir does) and the files must exist
+# when the configuration is loaded, so check-config names a missing one.
+
+
+def _tls_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    path = _resolve(Path(base), value) if base is not None else value
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not readable by this user")
+    return path
+
+
+class TlsSettings(_Frozen):
+    """``node.tls``: the DICOM port then speaks TLS only (no plain DICOM on it)."""
+
+    certificate: Path  # PEM, our certificate (followed by any intermediates)
+    private_key: Path  # PEM, unencrypted: the node runs unattended
+    # PEM bundle of the CAs that client certificates must chain to.  With it a
+    # presented client certificate is verified; without it none is asked for.
+    ca_file: Path | None = None
+    # Refuse clients without a certificate from ca_file (mutual TLS).
+    require_client_certificate: bool = False
+
+    _files = field_validator("certificate", "private_key", "ca_file")(_tls_file)
+
+    @model_validator(mode="after")
+    def _loadable(self) -> "TlsSettings":
+        if self.require_client_certificate and self.ca_file is None:
+            raise ValueError("require_client_certificate needs ca_file to verify clients against")
+        from dicom_node.security.tls import server_context
+        server_context(self)  # a key that does not match, or a non-PEM file, fails here
+        return self
+
+
+class PeerTlsSettings(_Frozen):
+    """``peers[].tls``: send to this peer over TLS."""
+
+    # PEM bundle of the CAs the peer's certificate must chain to; the system's
+    # CAs when omitted.  The peer's certificate is always verified.
+    ca_file: Path | None = None
+    # Our client certificate and key, for peers that require one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # Off by default: DICOM peers are usually configured by IP address and
+    # their certificates rarely carry that address (or the DNS name) as a
+    # subjectAltName; trust comes from the CA (often a site's private CA).
+    # Turn it on when the peer's certificate names ``host``.
+    check_hostname: bool = False
+
+    _files = field_validator("certificate", "private_key", "ca_file")(_tls_file)
+
+    @model_validator(mode="after")
+    def _loadable(self) -> "PeerTlsSettings":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (give both or neither)")
+        from dicom_node.security.tls import client_context
+        client_context(self)
+        return self
+
+
 class Peer(_Frozen):
     """A DICOM application entity we know: a modality, a PACS, a workstation."""
 
@@ -60,6 +131,8 @@ class Peer(_Frozen):
     may_send: bool = True
     # Check that the association comes from ``host`` as well as from the AE title.
     check_host: bool = False
+    # Send to this peer over TLS (see PeerTlsSettings); plain DICOM when absent.
+    tls: PeerTlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -161,6 +234,19 @@ class NodeSettings(_Frozen):
     # lets concurrent associations use more than one core.
     receivers: int = Field(default=1, ge=1)
     http: HttpSettings = HttpSettings()
+    # TLS on the DICOM port: when set the port accepts TLS connections only.
+    tls: TlsSettings | None = None
+    # -- back-pressure and resource limits --
+    # Below this many free bytes on the data dir new instances are refused
+    # (0xA700) and the node is not ready; what is spooled is still processed.
+    min_free_bytes: int = Field(default=1024 ** 3, ge=0)
+    # Below the watermark also reject new associations (transient, congestion),
+    # so senders queue on their side instead of sending instances we refuse.
+    refuse_associations_below_watermark: bool = False
+    # Largest declared Rows x Columns x NumberOfFrames x SamplesPerPixel x
+    # BitsAllocated/8 accepted: a decompression bomb is refused before any
+    # pixel buffer is allocated, at reception and again in the worker.
+    max_pixel_bytes: int = Field(default=2 * 1024 ** 3, ge=1)
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -182,6 +268,17 @@ class OutboxSettings(_Frozen):
     connect_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class RetentionSettings(_Frozen):
+    """How long finished work stays on disk; only what nothing needs is removed."""
+
+    # Spooled instances of series whose jobs all ended (done, failed, skipped).
+    spool_days: float = Field(default=7, ge=0)
+    # data/outgoing/job-N folders whose results were all sent (or are dead letters).
+    results_days: float = Field(default=7, ge=0)
+    # Seconds between retention passes (one also runs at start).
+    interval_s: float = Field(default=600, gt=0)
+
+
 class JobSettings(_Frozen):
     # A job whose worker dies is tried again this many times before it fails.
     max_attempts: int = Field(default=3, ge=1)
@@ -195,6 +292,7 @@ class Config(_Frozen):
     inference: InferenceSettings = InferenceSettings()
     outbox: OutboxSettings = OutboxSettings()
     jobs: JobSettings = JobSettings()
+    retention: RetentionSettings = RetentionSettings()
     # Where the file came from, for resolving relative paths; not a YAML key.
     base_dir: Path = Path(".")
 
@@ -286,7 +384,8 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         _set_dotted(raw, key, value)
     raw.setdefault("base_dir", str(Path.cwd()))
     try:
-        return Config.model_validate(raw)
+        # The context lets TLS file paths resolve against base_dir while validating.
+        return Config.model_validate(raw, context={"base_dir": raw["base_dir"]})
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc)}") from exc
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import threading
 import time
@@ -31,14 +30,12 @@ from dicom_node.observability.metrics import (MULTIPROC_ENV, Metrics, RuntimeCol
 from dicom_node.receive.scp import Receiver, reconcile_spool
 from dicom_node.send.outbox import Dispatcher
 from dicom_node.store.db import Store
+from dicom_node.store.retention import run_retention
 from dicom_node.store.spool import Spool
 
 __all__ = ["Node", "worker_main", "receiver_main"]
 
 log = logging.getLogger("dicom_node.service")
-
-# Free space below this on the data dir makes the node not ready.
-_MIN_FREE_BYTES = 512 * 1024 * 1024
 
 
 def worker_main(config: Config, name: str, log_level: str, json_logs: bool) -> None:
@@ -97,7 +94,8 @@ class Node:
         self.spool = Spool(data / "spool")
         self.metrics = Metrics(self.registry)
         self.exposed = exposition_registry(self.registry)
-        self.exposed.register(StoreCollector(self.store, data))
+        self.exposed.register(StoreCollector(self.store, data,
+                                             min_free_bytes=self.config.node.min_free_bytes))
         self.exposed.register(RuntimeCollector())
         self.receive_store = Store(data / "node.db", synchronous="NORMAL")
         shared_port = self.config.node.receivers > 1
@@ -133,6 +131,7 @@ class Node:
         self.http.start()
         self._spawn_thread("completer", self._complete_loop)
         self._spawn_thread("outbox", lambda: self.dispatcher.run_forever(self.stop_event))
+        self._spawn_thread("retention", self._retention_loop)
         for slot in self._workers:
             self._start_worker(slot)
 
@@ -182,6 +181,18 @@ class Node:
                 log.exception("completion pass failed; retrying")
             self.stop_event.wait(0.5)
 
+    # -- retention: once at start, then every retention.interval_s ------------
+
+    def _retention_loop(self) -> None:
+        settings = self.config.retention
+        while not self.stop_event.is_set():
+            try:
+                run_retention(self.store, self.config.data_dir, spool_days=settings.spool_days,
+                              results_days=settings.results_days)
+            except Exception:  # noqa: BLE001 - edge of the stage: log and try next time
+                log.exception("retention pass failed; trying again in %.0f s", settings.interval_s)
+            self.stop_event.wait(settings.interval_s)
+
     def _start_worker(self, slot: _WorkerSlot) -> None:
         target = worker_main if slot.role == "worker" else receiver_main
         proc = self._ctx.Process(target=target, name=slot.name,
@@ -227,8 +238,11 @@ class Node:
             return "; ".join(f"{k}: {v}" for k, v in self.model_problems.items()) or None
 
         def disk() -> str | None:
-            free = shutil.disk_usage(self.config.data_dir).free
-            return None if free >= _MIN_FREE_BYTES else f"{free} bytes free, below {_MIN_FREE_BYTES}"
+            # The receiver's own watermark, so readiness and refusals agree.
+            watermark = self.receiver.watermark
+            if not watermark.below():
+                return None
+            return f"{watermark.describe()}: new instances are refused until space returns"
 
         def dicom() -> str | None:
             return None if self.receiver.address else "DICOM port not listening"

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError, SkipSeries
 from dicom_node.infer.engine import ModelRegistry
+from dicom_node.limits import declared_pixel_bytes
 from dicom_node.observability.metrics import Metrics
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
 from dicom_node.store.db import Job, Store
@@ -118,10 +119,24 @@ class Worker:
             for rec in self.store.instances_of(series_uid):
                 path = self.spool_root / rec.path
                 try:
-                    datasets.append(dcmread(path))
+                    ds = dcmread(path)
                 except Exception as exc:  # noqa: BLE001 - one bad file is skipped, not fatal
                     log.warning("job %d: skipped unreadable instance %s: %s", job.id, rec.sop_uid, exc)
+                    continue
+                self._check_pixel_size(ds, rec.sop_uid)
+                datasets.append(ds)
         return datasets
+
+    def _check_pixel_size(self, ds: Dataset, sop_uid: str) -> None:
+        """Fail the job before a pipeline decodes pixels whose declared size is
+        over the limit: decoders allocate the declared size up front, whatever
+        the (tiny) encoded data holds.  The receiver refuses such instances;
+        this covers spooled files from before a lower limit, or re-indexed ones."""
+        limit = self.config.node.max_pixel_bytes
+        declared = declared_pixel_bytes(ds)
+        if declared > limit:
+            raise DicomNodeError(f"instance {sop_uid}: declared pixel data of {declared} bytes "
+                                 f"exceeds node.max_pixel_bytes {limit}")
 
     def _write(self, job_id: int, datasets: list[Dataset]) -> list[Path]:
         folder = result_dir(self.config, job_id)

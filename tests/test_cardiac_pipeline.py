@@ -114,3 +114,14 @@ def test_enhanced_multiframe_cine_gives_the_same_result_and_valid_segs(model, st
             assert src.ReferencedSOPInstanceUID == multi.SOPInstanceUID
             assert np.allclose(positions[int(src.ReferencedFrameNumber)],
                                [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
+
+
+def test_backslash_in_patient_name_does_not_fail_the_seg(model, study):
+    """A PN with a stray backslash decodes as two values; highdicom must still
+    get one, and the job must not fail."""
+    source = _series(study)
+    for ds in source:
+        ds.PatientName = ["PHANTOM^CINE", "EXTRA"]
+    result = _run(model, source)
+    segs = [d for d in result.datasets if d.SOPClassUID == SEG]
+    assert len(segs) == 2 and str(segs[0].PatientName) == "PHANTOM^CINE EXTRA"

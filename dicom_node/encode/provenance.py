@@ -13,14 +13,15 @@ import hashlib
 from dataclasses import dataclass
 
 import highdicom as hd
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
+from pydicom.valuerep import PersonName
 
 from dicom_node import __version__
 from dicom_node.infer.manifest import ModelManifest
 
-__all__ = ["Provenance", "result_uid", "MANUFACTURER", "copy_patient_study"]
+__all__ = ["Provenance", "result_uid", "MANUFACTURER", "copy_patient_study", "highdicom_source"]
 
 MANUFACTURER = "dicom-node"
 DEVICE_NAME = "dicom-node AI inference node"
@@ -42,6 +43,26 @@ def result_uid(*parts: str) -> UID:
     entropy sources when the prefix is None, so we do not use it here.)"""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
     return UID(f"2.25.{int.from_bytes(digest[:16], 'big')}")
+
+
+def highdicom_source(ds: Dataset) -> Dataset:
+    """``ds``, or a shallow copy whose PatientName highdicom accepts.
+
+    A backslash in a received PatientName (not allowed in PN, but sent) makes
+    pydicom decode it as several values, and highdicom then refuses to build
+    any object from that source (TypeError), failing the whole job.  The copy
+    carries the values joined by spaces; the source itself is left as received.
+    """
+    name = ds.get("PatientName")
+    if name is None or isinstance(name, (str, PersonName)):
+        return ds
+    copy = Dataset()
+    for elem in ds:  # the elements themselves are shared, not copied
+        copy.add(elem)
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    copy["PatientName"] = DataElement(0x00100010, "PN", " ".join(str(v) for v in name))
+    return copy
 
 
 def copy_patient_study(source: Dataset, target: Dataset) -> None:

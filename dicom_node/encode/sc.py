@@ -7,7 +7,7 @@ import numpy as np
 import highdicom as hd
 from pydicom import Dataset
 
-from dicom_node.encode.provenance import MANUFACTURER, Provenance
+from dicom_node.encode.provenance import MANUFACTURER, Provenance, highdicom_source
 
 __all__ = ["secondary_capture", "patient_orientation"]
 
@@ -35,7 +35,8 @@ def secondary_capture(reference: Dataset, rgb: np.ndarray, prov: Provenance, *, 
         orientation = patient_orientation(np.array(reference.get("ImageOrientationPatient",
                                                                   [1, 0, 0, 0, 1, 0]), float))
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=reference, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        ref_dataset=highdicom_source(reference), pixel_array=rgb, photometric_interpretation="RGB",
+        bits_allocated=8,
         coordinate_system="PATIENT", patient_orientation=orientation,
         series_instance_uid=prov.uid(f"{role}-series"), series_number=series_number,
         sop_instance_uid=prov.uid(role), instance_number=1, manufacturer=MANUFACTURER,

@@ -13,7 +13,7 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_node.encode.provenance import DEVICE_NAME, MANUFACTURER, Provenance
+from dicom_node.encode.provenance import DEVICE_NAME, MANUFACTURER, Provenance, highdicom_source
 
 __all__ = ["observation_context", "measurement_report_sr", "PRIVATE_SCHEME", "private_code"]
 
@@ -53,7 +53,8 @@ def measurement_report_sr(
         title=codes.DCM.ImagingMeasurementReport,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(evidence),
+        # highdicom takes the patient from the first evidence item.
+        evidence=[highdicom_source(evidence[0]), *evidence[1:]],
         content=report,
         series_number=series_number,
         series_instance_uid=prov.uid("sr-series"),

@@ -108,9 +108,11 @@ class StoreCollector(Collector):
     """Gauges read from the store at scrape time, so every process's work is
     counted without sharing memory: jobs by state, queue age, outbox, disk."""
 
-    def __init__(self, store: Store, data_dir: Path) -> None:
+    def __init__(self, store: Store, data_dir: Path, *, min_free_bytes: int | None = None) -> None:
         self.store = store
         self.data_dir = data_dir
+        # node.min_free_bytes; None: no watermark gauge.
+        self.min_free_bytes = min_free_bytes
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs by pipeline and state",
@@ -136,6 +138,13 @@ class StoreCollector(Collector):
         usage = shutil.disk_usage(self.data_dir)
         yield GaugeMetricFamily("dicom_node_disk_free_bytes", "Free bytes on the data dir's file system",
                                 value=usage.free)
+        if self.min_free_bytes is not None:
+            # Read at scrape time like the free bytes: every receiver process
+            # compares the same file system with the same floor.
+            yield GaugeMetricFamily("dicom_node_disk_below_watermark",
+                                    "1 while free space is below node.min_free_bytes and new "
+                                    "instances are refused, else 0",
+                                    value=float(usage.free < self.min_free_bytes))
 
 
 class RuntimeCollector(Collector):

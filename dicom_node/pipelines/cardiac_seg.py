@@ -19,7 +19,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_node.encode.provenance import MANUFACTURER, Provenance
+from dicom_node.encode.provenance import MANUFACTURER, Provenance, highdicom_source
 from dicom_node.encode.sc import patient_orientation, secondary_capture
 from dicom_node.encode.sr import measurement_report_sr
 from dicom_node.errors import PipelineError
@@ -148,6 +148,9 @@ def _segmentation(cine: Cine, labels: np.ndarray, phase: int, name: str, number:
         }
         sources = sources[:1]
     first = cine.frames[0][0].dataset
+    sources = [highdicom_source(d) for d in sources]
+    if geometry.get("further_source_images"):
+        geometry["further_source_images"] = [highdicom_source(d) for d in geometry["further_source_images"]]
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=array, **geometry,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,

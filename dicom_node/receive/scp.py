@@ -11,7 +11,9 @@ import copy
 import errno
 import logging
 import socket
+import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -24,7 +26,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
+from dicom_node.limits import PIXEL_TAGS, DiskWatermark, declared_pixel_bytes
 from dicom_node.observability.metrics import Metrics
+from dicom_node.security.tls import server_context
 from dicom_node.send.scu import tune_association
 from dicom_node.store.db import InstanceRecord, Store
 from dicom_node.store.spool import Spool, is_valid_uid
@@ -42,15 +46,22 @@ STATUS = {
     "cannot_understand": 0xC210,
     "invalid_uid": 0xC211,
     "processing_failure": 0x0110,
+    # Declared pixel data above node.max_pixel_bytes.  A Cxxx "Error: cannot
+    # understand" rather than A700: senders treat A7xx as transient and retry,
+    # but this instance will never fit, so retrying only repeats the refusal.
+    "pixels_too_large": 0xC220,
 }
 
 # Tags the receiver reads; the pixel data is never decoded here.
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                "Modality", "ImagesInAcquisition", "NumberOfSlices"]
+                "Modality", "ImagesInAcquisition", "NumberOfSlices", *PIXEL_TAGS]
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+# Rejected-transient, by the presentation-related service provider, temporary
+# congestion: the sender may try again later (disk below the watermark).
+_REJECT_CONGESTION = (0x02, 0x03, 0x01)
 
 
 # When a context proposes several syntaxes pynetdicom takes the first of ours
@@ -86,6 +97,8 @@ class _Header:
     series_uid: str
     modality: str
     expected_count: int | None
+    # Decoded size the header declares (see dicom_node.limits).
+    pixel_bytes: int = 0
 
 
 class _SharedContexts(list):
@@ -118,9 +131,48 @@ class _NodeServer(ThreadedAssociationServer):
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        client, address = super().get_request()
+        # Not super(): with TLS pynetdicom would run the handshake here, in the
+        # one thread that accepts, where a silent client stalls every other.
+        client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
         return client, address
+
+    # -- TLS: the handshake runs in the connection's own thread ---------------
+    # Set by the Receiver: called with the client's address and the reason.
+    on_tls_failure: Callable[[Any, str], None] | None = None
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._tls_handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _tls_handshake(self, sock: ssl.SSLSocket, address: Any) -> bool:
+        """Finish the handshake within the network timeout.  A failure (bad or
+        missing client certificate, a plain DICOM client, a timeout) closes
+        this connection only and is reported; the server keeps serving."""
+        previous = sock.gettimeout()
+        sock.settimeout(self.ae.network_timeout)
+        try:
+            sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:  # socket.timeout and resets are OSErrors
+            if self.on_tls_failure is not None:
+                self.on_tls_failure(address, _tls_reason(exc))
+            return False
+        sock.settimeout(previous)
+        return True
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """OpenSSL's reason, e.g. 'CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate'."""
+    if isinstance(exc, socket.timeout):
+        return "no TLS handshake within the network timeout"
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    detail = getattr(exc, "verify_message", None)
+    return f"{reason}: {detail}" if detail else str(reason)
 
 
 class Receiver:
@@ -135,8 +187,10 @@ class Receiver:
         self.metrics = metrics
         self.reuse_port = reuse_port
         self._server: _NodeServer | None = None
-        self._active = 0
+        self._open: set[int] = set()
         self._lock = threading.Lock()
+        # Back-pressure: free space of the spool's file system against the floor.
+        self.watermark = DiskWatermark(spool.root, config.node.min_free_bytes)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -169,7 +223,8 @@ class Receiver:
         ]
         _NodeServer.reuse_port = self.reuse_port
         server = self.ae.make_server((node.host, node.port), evt_handlers=handlers,
-                                     server_class=_NodeServer)
+                                     server_class=_NodeServer, ssl_context=self._tls_context())
+        server.on_tls_failure = self._on_tls_failure
         server.contexts = _SharedContexts(server.contexts)
         thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
         thread.start()
@@ -189,6 +244,24 @@ class Receiver:
     @property
     def address(self) -> tuple[str, int] | None:
         return None if self._server is None else self._server.server_address[:2]
+
+    # -- TLS (node.tls) -------------------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.config.node.tls
+        if tls is None:
+            return None
+        clients = ("required" if tls.require_client_certificate
+                   else "verified when presented" if tls.ca_file else "not asked for")
+        log.info("DICOM port accepts TLS only (TLS 1.2 or newer); client certificates %s", clients)
+        return server_context(tls)
+
+    def _on_tls_failure(self, address: Any, reason: str) -> None:
+        # Nothing DICOM was exchanged yet: the log carries an address and
+        # OpenSSL's reason, never patient data.
+        log.warning("TLS handshake from %s failed, connection closed: %s",
+                    ":".join(map(str, address[:2])), reason)
+        self.metrics.associations.labels(result="rejected_tls").inc()
 
     # -- association policy ---------------------------------------------------
 
@@ -211,6 +284,9 @@ class Receiver:
         node = self.config.node
         if node.require_called_ae and called != node.ae_title:
             return "called_ae", _REJECT_CALLED_AE
+        # -- back-pressure: a congested node says so before any instance is sent.
+        if node.refuse_associations_below_watermark and self.watermark.below():
+            return "disk_below_watermark", _REJECT_CONGESTION
         if node.allow_any_caller:
             return None
         peer = self.config.peer_by_ae(calling)
@@ -223,15 +299,14 @@ class Receiver:
     def _on_established(self, event: evt.Event) -> None:
         self.metrics.associations.labels(result="accepted").inc()
         with self._lock:
-            self._active += 1
-            self.metrics.associations_active.set(self._active)
+            self._open.add(id(event.assoc))
+            self.metrics.associations_active.set(len(self._open))
 
     def _on_closed(self, event: evt.Event) -> None:
-        if not event.assoc.is_established and not event.assoc.is_released and not event.assoc.is_aborted:
-            return
+        # Only associations we counted as established (not rejected ones).
         with self._lock:
-            self._active = max(0, self._active - 1)
-            self.metrics.associations_active.set(self._active)
+            self._open.discard(id(event.assoc))
+            self.metrics.associations_active.set(len(self._open))
 
     # -- DIMSE ----------------------------------------------------------------
 
@@ -241,6 +316,9 @@ class Receiver:
     def _on_store(self, event: evt.Event) -> int:
         """Persist the instance exactly as sent and answer only when durable."""
         request_uid = str(event.request.AffectedSOPInstanceUID or "")
+        # -- back-pressure: keep the last free space for what is already spooled.
+        if self.watermark.below():
+            return self._refuse(request_uid, "out_of_resources", self.watermark.describe())
         try:
             data = event.encoded_dataset()
         except Exception as exc:  # noqa: BLE001 - edge of the stage: answer, never crash
@@ -252,11 +330,24 @@ class Receiver:
         if header.sop_uid != request_uid:
             return self._refuse(request_uid, "dataset_mismatch",
                                 f"dataset SOP Instance UID {header.sop_uid} differs from the request's")
+        # The context (and routing, and the SOP class we send results under)
+        # must agree with the data: an MR-labelled CT is refused, PS3.4 B.2.3.
+        request_class = str(event.request.AffectedSOPClassUID or "")
+        if header.sop_class != request_class:
+            return self._refuse(request_uid, "dataset_mismatch",
+                                f"dataset SOP Class UID {header.sop_class} differs from the "
+                                f"request's {request_class}")
+        # -- resource limit: a decompression bomb never reaches the spool.
+        if header.pixel_bytes > self.config.node.max_pixel_bytes:
+            return self._refuse(request_uid, "pixels_too_large",
+                                f"declared pixel data of {header.pixel_bytes} bytes exceeds "
+                                f"node.max_pixel_bytes {self.config.node.max_pixel_bytes}")
         calling = str(event.assoc.requestor.ae_title).strip()
         called = str(event.assoc.acceptor.ae_title).strip()
         try:
             path = self.spool.path_for(header.study_uid, header.series_uid, header.sop_uid)
             self.spool.write(path, data)
+            self.watermark.note_written(len(data))
             replaced = self.store.record_instance(
                 InstanceRecord(sop_uid=header.sop_uid, sop_class=header.sop_class,
                                study_uid=header.study_uid, series_uid=header.series_uid,
@@ -305,6 +396,7 @@ def _read_header(data: bytes) -> _Header:
         study_uid=str(values["StudyInstanceUID"]), series_uid=str(values["SeriesInstanceUID"]),
         modality=str(values["Modality"] or ""),
         expected_count=_positive_int(values["ImagesInAcquisition"]) or _positive_int(values["NumberOfSlices"]),
+        pixel_bytes=declared_pixel_bytes(values),
     )
 
 

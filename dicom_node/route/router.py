@@ -106,7 +106,8 @@ def _check(cond: Match, value: Any) -> tuple[bool, str]:
     if cond.contains is not None:
         wanted = cond.contains.upper()
         return wanted in (v.upper() for v in _values(value)), f"{text!r} does not contain {cond.contains!r}"
-    assert cond.range is not None  # Match's validator guarantees one operator
+    if cond.range is None:
+        raise TypeError(f"match on {cond.keyword!r} has no operator; Match's validator should have refused it")
     number = _number(value)
     if number is None:
         return False, f"{text!r} is not a number"

@@ -24,6 +24,7 @@ from pynetdicom.transport import AssociationSocket
 
 from dicom_node.config import Peer
 from dicom_node.errors import SendError
+from dicom_node.security.tls import TlsError, client_context
 
 __all__ = ["StoreRequest", "StoreOutcome", "send_files", "status_is_success", "tune_association"]
 
@@ -114,12 +115,16 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     # One context per syntax, so the peer can accept the exact one our files use.
     contexts = [build_context(c, [ts]) for c in classes for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
     assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, tune_association)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, tune_association)],
+                         tls_args=_tls_args(peer))
     if assoc.is_rejected:
         raise SendError(peer.name, f"association rejected by {peer.ae_title}", retryable=False)
     if not assoc.is_established:
-        raise SendError(peer.name, f"cannot connect to {peer.host}:{peer.port} "
-                        f"(refused, aborted or timed out)", retryable=True)
+        # pynetdicom logs the TLS error itself (certificate not trusted, ...).
+        why = ("refused, aborted, timed out or TLS handshake failed" if peer.tls
+               else "refused, aborted or timed out")
+        raise SendError(peer.name, f"cannot connect to {peer.host}:{peer.port} ({why})",
+                        retryable=True)
     accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     outcomes: list[StoreOutcome] = []
     try:
@@ -141,6 +146,17 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     return outcomes
 
 
+def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    """(context, server name) for pynetdicom when the peer is configured for TLS.
+    The host goes along as the name to check when tls.check_hostname is set."""
+    if peer.tls is None:
+        return None
+    try:
+        return client_context(peer.tls), peer.host
+    except TlsError as exc:  # the files were checked at start; one changed since
+        raise SendError(peer.name, f"peers.{peer.name}.tls: {exc}", retryable=True) from exc
+
+
 def _store_one(assoc, req: StoreRequest, peer: Peer, syntaxes: set[str]) -> StoreOutcome:
     try:
         as_written = str(dcmread(req.path, stop_before_pixels=True, specific_tags=[]).file_meta
@@ -153,7 +169,9 @@ def _store_one(assoc, req: StoreRequest, peer: Peer, syntaxes: set[str]) -> Stor
         return StoreOutcome(req.item_id, False, True, "no response (timeout or abort)")
     if status_is_success(status):
         return StoreOutcome(req.item_id, True, False, f"status 0x{status:04X}")
-    if status in _PERMANENT or (status & 0xF000) in (0xA900, 0xC000):
+    # 0xA9xx (data set does not match SOP class) and 0xCxxx will not change on
+    # a retry; 0xA7xx (out of resources) may, so it stays transient.
+    if status in _PERMANENT or (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000:
         why = _PERMANENT.get(status, "refused")
         return StoreOutcome(req.item_id, False, False, f"{peer.ae_title} {why} (0x{status:04X})")
     return StoreOutcome(req.item_id, False, True, f"{peer.ae_title} status 0x{status:04X}")

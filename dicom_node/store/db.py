@@ -484,6 +484,59 @@ class Store:
         ).fetchall()
         return {(r["destination"], r["state"]): r["n"] for r in rows}
 
+    # -- retention ----------------------------------------------------------------
+    # A series is expired when nothing can need its instances any more: it is
+    # not receiving, its last instance came before the cutoff, and every job
+    # that includes it has ended (done, failed, skipped) before the cutoff.  A
+    # series no route matched has no job and expires on age alone.
+
+    _SERIES_EXPIRED = """s.state != 'receiving' AND s.last_at < :cutoff
+        AND s.series_uid NOT IN (
+            SELECT u.value FROM jobs j, json_each(j.series_uids) u
+            WHERE j.state NOT IN ('done', 'failed', 'skipped')
+               OR j.finished_at IS NULL OR j.finished_at >= :cutoff)"""
+
+    def expired_series(self, older_than: float, limit: int = 500) -> list[str]:
+        """UIDs of expired series (oldest first), for ``purge_series``."""
+        rows = self._conn().execute(
+            f"""SELECT s.series_uid FROM series s WHERE {self._SERIES_EXPIRED}
+                ORDER BY s.last_at LIMIT :limit""",
+            {"cutoff": older_than, "limit": limit}).fetchall()
+        return [r["series_uid"] for r in rows]
+
+    def purge_series(self, series_uid: str, older_than: float) -> list[tuple[str, float]]:
+        """Delete an expired series and its instance rows, checking again in the
+        same transaction (an instance or a requeue may have come since it was
+        listed).  Returns (spool path, received_at) of each instance deleted,
+        for the caller to remove the files; empty when the series was kept."""
+        with self._tx() as db:
+            still = db.execute(
+                f"SELECT 1 FROM series s WHERE s.series_uid = :uid AND {self._SERIES_EXPIRED}",
+                {"uid": series_uid, "cutoff": older_than}).fetchone()
+            if still is None:
+                return []
+            rows = db.execute("SELECT path, received_at FROM instances WHERE series_uid=?",
+                              (series_uid,)).fetchall()
+            db.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,))
+            db.execute("DELETE FROM series WHERE series_uid=?", (series_uid,))
+        return [(r["path"], r["received_at"]) for r in rows]
+
+    def expired_result_jobs(self, job_ids: list[int], older_than: float) -> list[int]:
+        """Of ``job_ids``, the jobs whose result folder nothing needs: the job
+        ended before the cutoff and every outbox item of it is sent or dead,
+        also before the cutoff.  Unknown ids are never returned."""
+        if not job_ids:
+            return []
+        marks = ",".join("?" * len(job_ids))
+        rows = self._conn().execute(
+            f"""SELECT j.id FROM jobs j WHERE j.id IN ({marks})
+                AND j.state IN ('done', 'failed', 'skipped') AND j.finished_at < ?
+                AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id
+                    AND (o.state NOT IN ('sent', 'dead')
+                         OR COALESCE(o.sent_at, o.created_at) >= ?))
+                ORDER BY j.id""", (*job_ids, older_than, older_than)).fetchall()
+        return [r["id"] for r in rows]
+
 
 def _series(row: sqlite3.Row) -> SeriesRecord:
     return SeriesRecord(**{k: row[k] for k in SeriesRecord.__dataclass_fields__})

@@ -83,7 +83,15 @@ class Spool:
                 fsync_dir(folder.parent)
                 fsync_dir(folder.parent.parent)
             self._known_dirs.add(folder)
-        atomic_write(path, data, self.tmp, durable=self.durable)
+        try:
+            atomic_write(path, data, self.tmp, durable=self.durable)
+        except FileNotFoundError:
+            # Retention removed the (emptied) folder since we cached it: make
+            # it again, once.
+            self._known_dirs.discard(folder)
+            if folder.exists():
+                raise
+            self.write(path, data)
 
     def clean_temporary(self) -> int:
         """Remove orphans of writes interrupted by a crash; returns how many."""

@@ -1,0 +1,1 @@
+"""Transport security for the DICOM port and for sending (TLS)."""
