@@ -131,6 +131,10 @@ class Peer(_Frozen):
     may_send: bool = True
     # Check that the association comes from ``host`` as well as from the AE title.
     check_host: bool = False
+    # May results be sent to this peer (as a destination, or back to it as the sender)?
+    may_receive_results: bool = True
+    # Associations this peer may hold open with us at once (None: only the node's limit).
+    max_associations: int | None = Field(default=None, ge=1)
     # Send to this peer over TLS (see PeerTlsSettings); plain DICOM when absent.
     tls: PeerTlsSettings | None = None
 
@@ -305,6 +309,9 @@ class Config(_Frozen):
         for dest in self.destinations:
             if isinstance(dest, DicomDestination) and dest.peer not in peer_names:
                 raise ValueError(f"destinations.{dest.name}.peer: unknown peer {dest.peer!r}")
+            if isinstance(dest, DicomDestination) and not self.peer(dest.peer).may_receive_results:
+                raise ValueError(f"destinations.{dest.name}.peer: peer {dest.peer!r} has "
+                                 "may_receive_results: false")
         dest_names = {d.name for d in self.destinations}
         for route in self.routes:
             for name in route.destinations:

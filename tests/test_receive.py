@@ -120,3 +120,46 @@ def test_receiver_processes_share_the_port(node_factory, tmp_path):
     # Both processes' counters reach the one endpoint.
     wait_for(lambda: 'dicom_node_instances_received_total{modality="CT"} 24.0' in node.metrics(), 10,
              what="24 instances counted across receiver processes")
+
+
+def _hold(port: int, aet: str):
+    """An open association from ``aet``, held until released."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
+    assert assoc.is_established, f"{aet} could not associate"
+    return assoc
+
+
+def test_association_limits_total_and_per_peer(node_factory):
+    node = node_factory(routes=[], node={"max_associations": 3},
+                        peers=[{"name": "ct1", "ae_title": "CT1", "host": "127.0.0.1", "port": 104,
+                                "max_associations": 1}]).start()
+    held = [_hold(node.port, "CT1")]
+    refused = echoscu(node.port, aet="CT1")
+    assert refused.returncode != 0
+    assert "Local Limit Exceeded" in refused.stdout + refused.stderr
+    assert echoscu(node.port, aet="OTHER").returncode == 0  # the limit is CT1's, not the node's
+    held += [_hold(node.port, "A2"), _hold(node.port, "A3")]
+    assert echoscu(node.port, aet="A4").returncode != 0  # node total reached
+    metrics = node.metrics()
+    assert 'result="rejected_peer_association_limit"' in metrics
+    assert 'result="rejected_association_limit"' in metrics
+    for assoc in held:
+        assoc.release()
+    wait_for(lambda: echoscu(node.port, aet="CT1").returncode == 0, 10, what="CT1 admitted again")
+
+
+def test_peer_that_may_not_receive_results_is_refused_as_destination(tmp_path):
+    import pytest
+    import yaml
+
+    from dicom_node.config import load_config
+    from dicom_node.errors import ConfigError
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({
+        "peers": [{"name": "ct1", "ae_title": "CT1", "host": "127.0.0.1", "port": 104,
+                   "may_receive_results": False}],
+        "destinations": [{"name": "back", "kind": "dicom", "peer": "ct1"}]}))
+    with pytest.raises(ConfigError, match="may_receive_results: false"):
+        load_config(path)

@@ -59,6 +59,8 @@ _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInst
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+# Transient, DUL service provider (presentation related), local limit exceeded.
+_REJECT_LIMIT = (0x02, 0x03, 0x02)
 # Rejected-transient, by the presentation-related service provider, temporary
 # congestion: the sender may try again later (disk below the watermark).
 _REJECT_CONGESTION = (0x02, 0x03, 0x01)
@@ -187,7 +189,7 @@ class Receiver:
         self.metrics = metrics
         self.reuse_port = reuse_port
         self._server: _NodeServer | None = None
-        self._open: set[int] = set()
+        self._open: dict[int, str] = {}  # established association -> calling AE
         self._lock = threading.Lock()
         # Back-pressure: free space of the spool's file system against the floor.
         self.watermark = DiskWatermark(spool.root, config.node.min_free_bytes)
@@ -284,6 +286,15 @@ class Receiver:
         node = self.config.node
         if node.require_called_ae and called != node.ae_title:
             return "called_ae", _REJECT_CALLED_AE
+        # Limits are per receiver process (node.receivers > 1 multiplies them).
+        with self._lock:
+            total = len(self._open)
+            mine = sum(1 for ae in self._open.values() if ae == calling)
+        if total >= node.max_associations:
+            return "association_limit", _REJECT_LIMIT
+        known = self.config.peer_by_ae(calling)
+        if known is not None and known.max_associations is not None and mine >= known.max_associations:
+            return "peer_association_limit", _REJECT_LIMIT
         # -- back-pressure: a congested node says so before any instance is sent.
         if node.refuse_associations_below_watermark and self.watermark.below():
             return "disk_below_watermark", _REJECT_CONGESTION
@@ -299,13 +310,13 @@ class Receiver:
     def _on_established(self, event: evt.Event) -> None:
         self.metrics.associations.labels(result="accepted").inc()
         with self._lock:
-            self._open.add(id(event.assoc))
+            self._open[id(event.assoc)] = str(event.assoc.requestor.ae_title).strip()
             self.metrics.associations_active.set(len(self._open))
 
     def _on_closed(self, event: evt.Event) -> None:
         # Only associations we counted as established (not rejected ones).
         with self._lock:
-            self._open.discard(id(event.assoc))
+            self._open.pop(id(event.assoc), None)
             self.metrics.associations_active.set(len(self._open))
 
     # -- DIMSE ----------------------------------------------------------------

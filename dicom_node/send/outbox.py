@@ -93,6 +93,9 @@ class Dispatcher:
         if peer is None:
             raise SendError(dest.name, f"sender AE {source_ae!r} is not a known peer; "
                             "add it to peers to send results back to it", retryable=False)
+        if not peer.may_receive_results:
+            raise SendError(dest.name, f"peer {peer.name} has may_receive_results: false",
+                            retryable=False)
         return peer
 
     def _copy(self, item: OutboxItem, folder: Path) -> StoreOutcome:
