@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from dicom_node.assemble.completer import Completer
 from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError
-from dicom_node.infer.engine import ModelRegistry, sha256_of
+from dicom_node.infer.engine import ModelRegistry
 from dicom_node.observability.http import HealthServer
 from dicom_node.observability.logs import setup_logging
 from dicom_node.observability.metrics import (MULTIPROC_ENV, Metrics, RuntimeCollector,
@@ -221,10 +221,7 @@ class Node:
         registry = ModelRegistry(self.config.models_dir, inf.providers, inf.device_id)
         for name in sorted({r.model for r in self.config.routes}):
             try:
-                manifest = registry.manifest(name)
-                path = self.config.models_dir / manifest.onnx
-                if sha256_of(path) != manifest.sha256:
-                    raise DicomNodeError(f"{path}: sha256 does not match the manifest")
+                registry.verify(name)
             except (DicomNodeError, OSError) as exc:
                 self.model_problems[name] = str(exc)
                 log.error("model %s cannot be used: %s; its routes' jobs will fail", name, exc)

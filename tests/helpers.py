@@ -74,6 +74,14 @@ def roundtrip(datasets: list) -> list:
     return out
 
 
+def legacy_enhanced(converter, singles: list):
+    """A multi-frame image made by a highdicom legacy converter from
+    single-frame instances, round-tripped through bytes."""
+    enhanced = converter(singles, series_instance_uid=singles[0].SeriesInstanceUID + ".1", series_number=9,
+                         sop_instance_uid=singles[0].SOPInstanceUID + ".1", instance_number=1)
+    return roundtrip([enhanced])[0]
+
+
 def write_datasets(folder: Path, datasets: list) -> list[Path]:
     """Write datasets as numbered files; returns the paths."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,10 @@ SEG + SR + SC out, exact geometry, volumes close to the phantom's truth."""
 
 from __future__ import annotations
 
-from io import BytesIO
 
 import highdicom as hd
 import numpy as np
 import pytest
-from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
 
 from dicom_node.config import load_config
@@ -16,7 +14,7 @@ from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
 from dicom_node.synthetic import cardiac_phantom
 from dicom_node.synthetic.dicom_mr import cine_series
-from helpers import dciodvfy_errors, roundtrip
+from helpers import dciodvfy_errors, legacy_enhanced, roundtrip
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -94,13 +92,7 @@ def test_duplicate_and_missing_frames_are_handled(model, study, caplog):
 
 def test_enhanced_multiframe_cine_gives_the_same_result_and_valid_segs(model, study, tmp_path):
     singles = _series(study)
-    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
-        singles, series_instance_uid=singles[0].SeriesInstanceUID + ".1", series_number=9,
-        sop_instance_uid=singles[0].SOPInstanceUID + ".1", instance_number=1)
-    buf = BytesIO()
-    enhanced.save_as(buf)
-    buf.seek(0)
-    multi = dcmread(buf)
+    multi = legacy_enhanced(hd.legacy.LegacyConvertedEnhancedMRImage, singles)
     result = _run(model, [multi])
     assert result.summary == _run(model, singles).summary
     positions = {int(i + 1): [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]

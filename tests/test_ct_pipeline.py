@@ -17,7 +17,7 @@ from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
 from dicom_node.synthetic import ct_phantom
 from dicom_node.synthetic.dicom_ct import ct_series
-from helpers import dciodvfy_errors
+from helpers import dciodvfy_errors, legacy_enhanced
 
 MODEL_DIR = load_config().models_dir
 
@@ -129,14 +129,8 @@ def test_no_blood_pool_fails_the_job_with_a_reason(model, source):
 def test_enhanced_ct_in_single_frame_ct_out(model, source, tmp_path):
     """A multi-frame (legacy converted enhanced) CT gives one valid single-frame
     derived image per frame, each with its frame's position."""
-    singles = _roundtrip(source)
-    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-        singles, series_instance_uid=singles[0].SeriesInstanceUID + ".1", series_number=9,
-        sop_instance_uid=singles[0].SOPInstanceUID + ".1", instance_number=1)
-    buf = BytesIO()
-    enhanced.save_as(buf)
-    buf.seek(0)
-    result = _run(model, [dcmread(buf)])
+    enhanced = legacy_enhanced(hd.legacy.LegacyConvertedEnhancedCTImage, _roundtrip(source))
+    result = _run(model, [enhanced])
     derived = [d for d in result.datasets if d.Modality == "CT"]
     assert len(derived) == len(source)
     positions = sorted(tuple(map(float, s.ImagePositionPatient)) for s in source)

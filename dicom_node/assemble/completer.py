@@ -47,11 +47,18 @@ class Completer:
         self.store = store
         self.metrics = metrics
         self.spool_root = config.data_dir / "spool"
+        # Routing reads a file; remember each series' decision until something
+        # it depends on changes, instead of re-reading every pass.
+        self._decisions: dict[str, tuple[tuple, Route | None, str]] = {}
+        self._uses_count = any(m.keyword == "InstanceCount" for r in config.routes for m in r.match)
 
     def run_once(self, now: float | None = None) -> list[int]:
         """One pass over the receiving series; returns the ids of queued jobs."""
         now = time.time() if now is None else now
-        pending = [self._route(s) for s in self.store.receiving_series()]
+        receiving = self.store.receiving_series()
+        live = {s.series_uid for s in receiving}
+        self._decisions = {k: v for k, v in self._decisions.items() if k in live}
+        pending = [self._route(s) for s in receiving]
         jobs: list[int] = []
         by_study: dict[tuple[str, str], list[_Pending]] = defaultdict(list)
         for p in pending:
@@ -66,17 +73,27 @@ class Completer:
         return jobs
 
     def _route(self, series: SeriesRecord) -> _Pending:
-        instances = self.store.instances_of(series.series_uid)
-        if not instances:
-            return _Pending(series, None, "series has no instances")
+        key = (series.generation, series.calling_ae, series.called_ae,
+               series.instance_count if self._uses_count else None)
+        cached = self._decisions.get(series.series_uid)
+        if cached is None or cached[0] != key:
+            route, reason = self._decide(series)
+            cached = (key, route, reason)
+            self._decisions[series.series_uid] = cached
+        return _Pending(series, cached[1], cached[2])
+
+    def _decide(self, series: SeriesRecord) -> tuple[Route | None, str]:
+        first = self.store.first_instance(series.series_uid)
+        if first is None:
+            return None, "series has no instances"
         try:
-            header = read_header(self.spool_root / instances[0].path)
+            header = read_header(self.spool_root / first.path)
         except Exception as exc:  # noqa: BLE001 - a broken file must not stop completion
-            return _Pending(series, None, f"cannot read instance {instances[0].sop_uid}: {exc}")
+            return None, f"cannot read instance {first.sop_uid}: {exc}"
         facts = RouteFacts(header, calling_ae=series.calling_ae, called_ae=series.called_ae,
                            instance_count=series.instance_count)
         decision = decide(list(self.config.routes), facts)
-        return _Pending(series, decision.route, decision.reason)
+        return decision.route, decision.reason
 
     @staticmethod
     def _is_due(group: list[SeriesRecord], route: Route | None, now: float) -> bool:

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from dicom_node.encode.provenance import MANUFACTURER, Provenance
 
-__all__ = ["derived_image", "derived_from_frame", "stored_values"]
+__all__ = ["derived_image", "derived_from_frame", "stored_values", "set_pixels"]
 
 # DCM 110001 "Image Processing" is the closest standard concept for an AI
 # denoiser we found; sites may refine it.
@@ -65,25 +65,38 @@ def derived_image(source: Dataset, values: np.ndarray, prov: Provenance, *, inde
     if int(source.BitsAllocated) != 16:
         raise ValueError(f"instance {source.SOPInstanceUID}: derived images need 16 bits allocated, "
                          f"source has {source.BitsAllocated}")
-    pixels = stored_values(values, source)
-    sop_uid = prov.uid("derived-image", index)
-    now = dt.datetime.now()
-    ds.SOPInstanceUID = sop_uid
+    ds.SOPInstanceUID = prov.uid("derived-image", index)
+    ds.ImageType = ["DERIVED", "SECONDARY"] + list(source.get("ImageType", ["", ""]))[2:]
+    _mark_derived(ds, prov, _reference(source), series_uid=series_uid, series_number=series_number,
+                  series_description=series_description, derivation=derivation)
+    ds.InstanceCreationDate = ds.ContentDate
+    ds.InstanceCreationTime = ds.ContentTime
+    ds.PhotometricInterpretation = source.PhotometricInterpretation
+    return set_pixels(ds, stored_values(values, source))
+
+
+def _mark_derived(ds: Dataset, prov: Provenance, reference: Dataset, *, series_uid: str,
+                  series_number: int, series_description: str, derivation: str) -> None:
+    """What every derived image says about itself: its series, how and from
+    what it was derived, when, and by which equipment (IHE AIR)."""
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.SeriesDescription = series_description[:64]
-    ds.ImageType = ["DERIVED", "SECONDARY"] + list(source.get("ImageType", ["", ""]))[2:]
     ds.DerivationDescription = derivation[:1024]
     ds.DerivationCodeSequence = Sequence([_code(*_DERIVATION_CODE)])
-    ds.SourceImageSequence = Sequence([_reference(source)])
-    ds.ContentDate = now.strftime("%Y%m%d")
-    ds.ContentTime = now.strftime("%H%M%S")
-    ds.InstanceCreationDate = ds.ContentDate
-    ds.InstanceCreationTime = ds.ContentTime
+    ds.SourceImageSequence = Sequence([reference])
+    now = dt.datetime.now()
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.BurnedInAnnotation = "NO"
     ds.ContributingEquipmentSequence = [prov.contributing_equipment()]
     _add_device_uid(ds, prov)
-    ds.PhotometricInterpretation = source.PhotometricInterpretation
+
+
+def set_pixels(ds: Dataset, pixels: np.ndarray) -> Dataset:
+    """Attach a 16-bit greyscale frame and Explicit VR Little Endian file meta."""
+    pixels = np.ascontiguousarray(pixels)
+    if pixels.dtype not in (np.uint16, np.int16):
+        raise ValueError(f"16-bit pixels expected, got {pixels.dtype}")
     ds.SamplesPerPixel = 1
     ds.Rows, ds.Columns = pixels.shape
     ds.PixelData = pixels.tobytes()
@@ -119,16 +132,12 @@ def derived_from_frame(source: Dataset, frame: int, geometry: dict, values: np.n
             ds[keyword] = copy.deepcopy(source[keyword])
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
     ds.SOPInstanceUID = prov.uid("derived-image", f"{source.SOPInstanceUID}/{frame}")
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description[:64]
     ds.InstanceNumber = index + 1
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-    ds.DerivationDescription = derivation[:1024]
-    ds.DerivationCodeSequence = Sequence([_code(*_DERIVATION_CODE)])
     ref = _reference(source)
     ref.ReferencedFrameNumber = frame
-    ds.SourceImageSequence = Sequence([ref])
+    _mark_derived(ds, prov, ref, series_uid=series_uid, series_number=series_number,
+                  series_description=series_description, derivation=derivation)
     ds.ImagePositionPatient = [_ds(v) for v in geometry["position"]]
     ds.ImageOrientationPatient = [_ds(v) for v in geometry["orientation"]]
     ds.PixelSpacing = [_ds(v) for v in geometry["spacing"]]
@@ -138,25 +147,14 @@ def derived_from_frame(source: Dataset, frame: int, geometry: dict, values: np.n
     ds.KVP = ""
     ds.AcquisitionNumber = ""
     ds.PatientOrientation = ""
-    ds.BurnedInAnnotation = "NO"
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                     "Laterality",
                     "StudyID", "AccessionNumber", "ReferringPhysicianName", "Manufacturer",
                     "PositionReferenceIndicator"):
         if keyword not in ds:
             setattr(ds, keyword, "")
-    now = dt.datetime.now()
-    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds.ContributingEquipmentSequence = [prov.contributing_equipment()]
-    _add_device_uid(ds, prov)
-    pixels = stored_values(values, source, (slope, intercept))
-    ds.SamplesPerPixel = 1
     ds.BitsAllocated = 16
-    ds.Rows, ds.Columns = pixels.shape
-    ds.PixelData = pixels.tobytes()
-    ds["PixelData"].VR = "OW"
-    ds.file_meta = _file_meta(ds)
-    return ds
+    return set_pixels(ds, stored_values(values, source, (slope, intercept)))
 
 
 def _ds(value: float) -> str:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from dicom_node.errors import ModelLoadError
 from dicom_node.infer.manifest import ModelManifest, TensorSpec, load_manifest
 
-__all__ = ["OnnxModel", "ModelRegistry", "sha256_of", "choose_providers"]
+__all__ = ["OnnxModel", "ModelRegistry", "sha256_of", "choose_providers", "verified_onnx"]
 
 log = logging.getLogger("dicom_node.infer")
 
@@ -63,6 +63,18 @@ def choose_providers(wanted: Sequence[str], device_id: int) -> list[str | tuple[
     return chosen
 
 
+def verified_onnx(manifest_path: Path, manifest: ModelManifest) -> Path:
+    """The model file beside the manifest, after checking it is the one declared."""
+    onnx_path = manifest_path.parent / manifest.onnx
+    if not onnx_path.is_file():
+        raise ModelLoadError(f"{manifest_path}: model file {onnx_path.name} not found")
+    digest = sha256_of(onnx_path)
+    if digest != manifest.sha256:
+        raise ModelLoadError(f"{onnx_path}: sha256 {digest} does not match the manifest's "
+                             f"{manifest.sha256}; refusing to load a model that is not the one declared")
+    return onnx_path
+
+
 @dataclass
 class OnnxModel:
     manifest: ModelManifest
@@ -84,13 +96,7 @@ class OnnxModel:
     def load(cls, manifest_path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
              device_id: int = 0, intra_op_threads: int = 0) -> "OnnxModel":
         manifest = load_manifest(manifest_path)
-        onnx_path = manifest_path.parent / manifest.onnx
-        if not onnx_path.is_file():
-            raise ModelLoadError(f"{manifest_path}: model file {onnx_path.name} not found")
-        digest = sha256_of(onnx_path)
-        if digest != manifest.sha256:
-            raise ModelLoadError(f"{onnx_path}: sha256 {digest} does not match the manifest's "
-                                 f"{manifest.sha256}; refusing to load a model that is not the one declared")
+        onnx_path = verified_onnx(manifest_path, manifest)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
@@ -148,6 +154,11 @@ class ModelRegistry:
 
     def manifest(self, name: str) -> ModelManifest:
         return load_manifest(self._manifest_path(name))
+
+    def verify(self, name: str) -> Path:
+        """Check a model's manifest and file without creating a session."""
+        path = self._manifest_path(name)
+        return verified_onnx(path, load_manifest(path))
 
     def get(self, name: str) -> OnnxModel:
         model = self._loaded.get(name)

@@ -19,6 +19,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.errors import PipelineError
+from dicom_node.pipelines.volume import decode_frame, group_value
 
 __all__ = ["Frame", "Cine", "load_cine"]
 
@@ -101,7 +102,7 @@ def load_cine(datasets: list[Dataset], job: str = "") -> Cine:
     shapes = {(int(f.dataset.Rows), int(f.dataset.Columns)) for f in frames}
     if len(shapes) != 1:
         raise PipelineError(f"{job}: frames have different sizes {sorted(shapes)}")
-    images = np.stack([np.stack([_pixels(f, job) for f in row]) for row in grid]).astype(np.float32)
+    images = np.stack([np.stack([decode_frame(f.dataset, f.frame, job) for f in row]) for row in grid]).astype(np.float32)
     return Cine(grid, images)
 
 
@@ -123,16 +124,16 @@ def _frames(ds: Dataset) -> list[Frame]:
         shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
         out = []
         for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
-            pos = _item(item, shared, "PlanePositionSequence", "ImagePositionPatient")
-            ori = _item(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-            spc = _item(item, shared, "PixelMeasuresSequence", "PixelSpacing")
+            pos = group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient")
+            ori = group_value(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+            spc = group_value(item, shared, "PixelMeasuresSequence", "PixelSpacing")
             # Enhanced MR says it in Cardiac Synchronization; legacy-converted
             # images keep the single-frame TriggerTime in an "unassigned" group.
             time = _first_present(
-                _item(item, shared, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"),
-                _item(item, shared, "UnassignedPerFrameConvertedAttributesSequence", "TriggerTime"),
-                _item(item, shared, "FrameContentSequence", "TemporalPositionIndex"),
-                _item(item, shared, "FrameContentSequence", "FrameAcquisitionNumber"), i)
+                group_value(item, shared, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"),
+                group_value(item, shared, "UnassignedPerFrameConvertedAttributesSequence", "TriggerTime"),
+                group_value(item, shared, "FrameContentSequence", "TemporalPositionIndex"),
+                group_value(item, shared, "FrameContentSequence", "FrameAcquisitionNumber"), i)
             if pos is None or ori is None or spc is None:
                 raise PipelineError(f"instance {ds.SOPInstanceUID} frame {i + 1}: no plane geometry")
             out.append(Frame(ds, i + 1, np.array(pos, float), np.array(ori, float),
@@ -153,20 +154,3 @@ def _frames(ds: Dataset) -> list[Frame]:
 def _first_present(*values: object) -> object:
     """The first value given, where 0 counts (the first phase's trigger time is 0 ms)."""
     return next(v for v in values if v is not None and v != "")
-
-
-def _item(item: Dataset, shared: Dataset, seq: str, key: str) -> object:
-    for source in (item, shared):
-        if seq in source and len(source[seq].value) and key in source[seq][0]:
-            return source[seq][0][key].value
-    return None
-
-
-def _pixels(frame: Frame, job: str) -> np.ndarray:
-    try:
-        pixels = frame.dataset.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom's decoders raise many types
-        raise PipelineError(f"{job}: cannot decode instance {frame.dataset.SOPInstanceUID}: {exc}") from exc
-    if frame.frame is not None and pixels.ndim == 3:
-        pixels = pixels[frame.frame - 1]
-    return pixels

@@ -32,6 +32,7 @@ __all__ = ["CtDenoise"]
 log = logging.getLogger("dicom_node.pipelines.ct_denoise")
 
 _CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
 _HU = codes.UCUM.HounsfieldUnit
 _RATIO = hd.sr.CodedConcept(value="{ratio}", scheme_designator="UCUM", meaning="ratio")
 _SNR = codes.DCM.SignalToNoise  # DCM 113060
@@ -71,6 +72,8 @@ class CtDenoise:
 
 
 def _ct_images(job: PipelineInput) -> list[Dataset]:
+    # A CT image without pixel data is a broken CT (the job fails, saying so),
+    # not something other than CT (which would be skipped).
     images = [ds for ds in job.datasets if ds.SOPClassUID == _CT_IMAGE or "PixelData" in ds]
     if not images:
         raise SkipSeries(f"job {job.job_id}: no CT images in the series")

@@ -16,7 +16,7 @@ from pydicom import Dataset
 
 from dicom_node.errors import PipelineError
 
-__all__ = ["Slice", "Volume", "load_volume"]
+__all__ = ["Slice", "Volume", "load_volume", "group_value", "decode_frame"]
 
 log = logging.getLogger("dicom_node.pipelines")
 
@@ -90,11 +90,13 @@ def _planes(ds: Dataset) -> list[Slice]:
         shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
         out = []
         for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence[:frames]):
-            pos = _group(item, shared, "PlanePositionSequence", "ImagePositionPatient")
-            ori = _group(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-            spc = _group(item, shared, "PixelMeasuresSequence", "PixelSpacing")
-            slope = _group(item, shared, "PixelValueTransformationSequence", "RescaleSlope", 1.0)
-            icpt = _group(item, shared, "PixelValueTransformationSequence", "RescaleIntercept", 0.0)
+            pos = _required(item, shared, "PlanePositionSequence", "ImagePositionPatient")
+            ori = _required(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+            spc = _required(item, shared, "PixelMeasuresSequence", "PixelSpacing")
+            slope = group_value(item, shared, "PixelValueTransformationSequence", "RescaleSlope")
+            icpt = group_value(item, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+            slope = 1.0 if slope is None else slope
+            icpt = 0.0 if icpt is None else icpt
             out.append(Slice(ds, i + 1, np.array(pos, float), np.array(ori, float),
                              (float(spc[0]), float(spc[1])), (float(slope), float(icpt))))
         return out
@@ -109,23 +111,37 @@ def _planes(ds: Dataset) -> list[Slice]:
                   (float(spc[0]), float(spc[1])), rescale)]
 
 
-def _group(item: Dataset, shared: Dataset, seq: str, key: str, default: object = None) -> object:
+def group_value(item: Dataset, shared: Dataset, seq: str, key: str) -> object:
+    """A functional-group attribute of one frame: its per-frame item first,
+    then the shared groups; None when neither has it."""
     for source in (item, shared):
         if seq in source and len(source[seq].value) and key in source[seq][0]:
             return source[seq][0][key].value
-    if default is None:
+    return None
+
+
+def _required(item: Dataset, shared: Dataset, seq: str, key: str) -> object:
+    value = group_value(item, shared, seq, key)
+    if value is None:
         raise PipelineError(f"enhanced instance: no {seq}/{key} for a frame")
-    return default
+    return value
 
 
-def _values(plane: Slice, series_uid: str) -> np.ndarray:
-    ds = plane.dataset
+def decode_frame(ds: Dataset, frame: int | None, context: str) -> np.ndarray:
+    """Stored pixel values of one frame (1-based; None for single-frame),
+    decoded whatever the transfer syntax.  pydicom caches the decoded
+    multi-frame array, so asking frame by frame decodes once."""
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom's decoders raise many types
-        raise PipelineError(f"series {series_uid}: cannot decode instance {ds.get('SOPInstanceUID', '?')} "
+        raise PipelineError(f"{context}: cannot decode instance {ds.get('SOPInstanceUID', '?')} "
                             f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
-    if plane.frame is not None:
-        pixels = pixels[plane.frame - 1] if pixels.ndim == 3 else pixels
+    if frame is not None and pixels.ndim == 3:
+        pixels = pixels[frame - 1]
+    return pixels
+
+
+def _values(plane: Slice, series_uid: str) -> np.ndarray:
     slope, intercept = plane.rescale
+    pixels = decode_frame(plane.dataset, plane.frame, f"series {series_uid}")
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)

@@ -101,6 +101,8 @@ class _Header:
     expected_count: int | None
     # Decoded size the header declares (see dicom_node.limits).
     pixel_bytes: int = 0
+    # From the file meta: what the sender's context used.
+    transfer_syntax: str = ""
 
 
 class _SharedContexts(list):
@@ -408,6 +410,7 @@ def _read_header(data: bytes) -> _Header:
         modality=str(values["Modality"] or ""),
         expected_count=_positive_int(values["ImagesInAcquisition"]) or _positive_int(values["NumberOfSlices"]),
         pixel_bytes=declared_pixel_bytes(values),
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
     )
 
 
@@ -456,15 +459,13 @@ def reconcile_spool(spool: Spool, store: Store) -> int:
         try:
             data = path.read_bytes()
             header = _read_header(data)
-            syntax = str(dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=[]).file_meta
-                         .get("TransferSyntaxUID", ""))
-        except (OSError, _BadInstance, InvalidDicomError) as exc:
+        except (OSError, _BadInstance) as exc:
             log.warning("spooled file %s is unreadable, left alone: %s", rel, exc)
             continue
         store.record_instance(
             InstanceRecord(sop_uid=header.sop_uid, sop_class=header.sop_class,
                            study_uid=header.study_uid, series_uid=header.series_uid,
-                           transfer_syntax=syntax, path=rel, size=len(data)),
+                           transfer_syntax=header.transfer_syntax, path=rel, size=len(data)),
             modality=header.modality, calling_ae="", called_ae="", expected_count=header.expected_count)
         indexed += 1
     return indexed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
@@ -132,6 +132,3 @@ def _number(value: Any) -> float | None:
     except (ValueError, IndexError):
         return None
 
-
-def describe(decision: Decision) -> Mapping[str, str]:
-    return {o.route: ("MATCH" if o.matched else f"no: {o.reason}") for o in decision.outcomes}

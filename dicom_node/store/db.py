@@ -284,6 +284,13 @@ class Store:
             (series_uid,)).fetchall()
         return [InstanceRecord(**dict(r)) for r in rows]
 
+    def first_instance(self, series_uid: str) -> InstanceRecord | None:
+        row = self._conn().execute(
+            """SELECT sop_uid, sop_class, study_uid, series_uid, transfer_syntax, path, size
+               FROM instances WHERE series_uid=? ORDER BY received_at, sop_uid LIMIT 1""",
+            (series_uid,)).fetchone()
+        return InstanceRecord(**dict(row)) if row else None
+
     def instance(self, sop_uid: str) -> InstanceRecord | None:
         row = self._conn().execute(
             """SELECT sop_uid, sop_class, study_uid, series_uid, transfer_syntax, path, size

@@ -65,7 +65,6 @@ class Spool:
         self.tmp = root / ".tmp"
         self.durable = durable
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self._known_dirs: set[Path] = set()
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for name, uid in (("Study", study_uid), ("Series", series_uid), ("SOP Instance", sop_uid)):
@@ -75,23 +74,15 @@ class Spool:
 
     def write(self, path: Path, data: bytes | memoryview) -> None:
         folder = path.parent
-        if folder not in self._known_dirs:
-            created = not folder.exists()
+        # Asked every time (one stat) rather than cached: retention may have
+        # removed the folder of a finished series since the last write.
+        if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
-            if created and self.durable:
+            if self.durable:
                 # The new folders' entries must survive a crash too.
                 fsync_dir(folder.parent)
                 fsync_dir(folder.parent.parent)
-            self._known_dirs.add(folder)
-        try:
-            atomic_write(path, data, self.tmp, durable=self.durable)
-        except FileNotFoundError:
-            # Retention removed the (emptied) folder since we cached it: make
-            # it again, once.
-            self._known_dirs.discard(folder)
-            if folder.exists():
-                raise
-            self.write(path, data)
+        atomic_write(path, data, self.tmp, durable=self.durable)
 
     def clean_temporary(self) -> int:
         """Remove orphans of writes interrupted by a crash; returns how many."""

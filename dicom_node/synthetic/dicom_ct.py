@@ -14,7 +14,7 @@ from pydicom import Dataset
 from pydicom.uid import CTImageStorage
 
 from dicom_node.encode.provenance import result_uid
-from dicom_node.synthetic._dicom import finish
+from dicom_node.encode.derived import set_pixels
 
 __all__ = ["ct_series", "SYNTHETIC_PATIENT"]
 
@@ -70,6 +70,6 @@ def ct_series(volume_hu: np.ndarray, *, seed: str, pixel_mm: float = 0.7, slice_
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
         ds.WindowCenter, ds.WindowWidth = 300, 800
         ds.ContrastBolusAgent = "Iodinated contrast (synthetic)"
-        finish(ds, stored[z])
+        set_pixels(ds, stored[z])
         datasets.append(ds)
     return datasets

@@ -10,7 +10,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.encode.provenance import result_uid
-from dicom_node.synthetic._dicom import finish
+from dicom_node.encode.derived import set_pixels
 
 __all__ = ["dx_image", "DX_FOR_PRESENTATION"]
 
@@ -58,5 +58,5 @@ def dx_image(image: np.ndarray, *, seed: str, view: str = "PA", monochrome1: boo
     ds.Rows, ds.Columns = stored.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
     ds.BurnedInAnnotation = "NO"
-    finish(ds, stored)
+    set_pixels(ds, stored)
     return ds

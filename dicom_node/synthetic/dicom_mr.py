@@ -11,7 +11,7 @@ from pydicom import Dataset
 from pydicom.uid import MRImageStorage
 
 from dicom_node.encode.provenance import result_uid
-from dicom_node.synthetic._dicom import finish
+from dicom_node.encode.derived import set_pixels
 
 __all__ = ["cine_series", "short_axis_orientation"]
 
@@ -85,6 +85,6 @@ def cine_series(images: np.ndarray, *, seed: str, pixel_spacing_mm: tuple[float,
             ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
             ds.Rows, ds.Columns = rows, cols
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-            finish(ds, stored[p, s])
+            set_pixels(ds, stored[p, s])
             out.append(ds)
     return out
