@@ -14,7 +14,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
+from dicom_node.infer.engine import sha256_of
 from dicom_node.pipelines.cardiac_metrics import cardiac_metrics, dice, hausdorff95
 from dicom_node.synthetic.cardiac_phantom import make_cine
 
@@ -241,12 +241,6 @@ def verify_onnx(model: UNet, path: Path, seed: int) -> float:
     return worst
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------- evaluate
@@ -419,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     quality = evaluate(OUT_ONNX, args.heldout_seed, args.heldout_studies, args.heldout_phases,
                        args.spacing)
     print(json.dumps(quality, indent=1), flush=True)
-    write_manifest(args, sha256(OUT_ONNX), quality, wall, len(xs), diff, n_params)
+    write_manifest(args, sha256_of(OUT_ONNX), quality, wall, len(xs), diff, n_params)
     (WORK / "losses.json").write_text(json.dumps(losses))
     print(f"wrote {OUT_YAML}; total {time.time() - t_start:.0f}s", flush=True)
 

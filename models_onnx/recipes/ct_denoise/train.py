@@ -20,7 +20,6 @@ make the output depend on what else is in the field of view.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
+from dicom_node.infer.engine import sha256_of
 from dicom_node.pipelines.ct_quality import choose_regions, measure
 from dicom_node.synthetic.ct_phantom import DEFAULT_I0, make_slice
 
@@ -254,8 +254,6 @@ def median_ms(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def evaluate(test: PairSet, denoisers: dict) -> dict:
@@ -424,7 +422,7 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
                          "normalisation, DICOM output, quality report). Not for clinical use; "
                          "not validated on patient data."),
         "onnx": OUT_ONNX.name,
-        "sha256": sha256(OUT_ONNX),
+        "sha256": sha256_of(OUT_ONNX),
         "task": "image-to-image",
         "inputs": [{"name": "input", **tensor}],
         "outputs": [{"name": "output", **tensor}],

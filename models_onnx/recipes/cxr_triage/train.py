@@ -24,7 +24,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import sys
@@ -42,6 +41,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
+from dicom_node.infer.engine import sha256_of
 from dicom_node.synthetic.cxr_phantom import FINDINGS, SEVERITIES, make_radiograph
 
 __all__ = ["ExportWrapper", "TriageNet", "letterbox", "main", "normalize"]
@@ -303,8 +303,6 @@ def run_onnx(path: Path, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np
     return np.concatenate(probs), np.concatenate(maps)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- metrics
@@ -554,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_wall_time_s": round(wall, 1),
         "torch_version": str(torch.__version__),
     }
-    write_manifest(args.out / "cxr_triage.yaml", onnx_path.name, sha256(onnx_path),
+    write_manifest(args.out / "cxr_triage.yaml", onnx_path.name, sha256_of(onnx_path),
                    threshold, val_sens, val_spec, quality, training)
     print(yaml.safe_dump(quality, sort_keys=False))
     print(f"wrote {args.out / 'cxr_triage.yaml'} in {wall:.0f} s total")
