@@ -3,10 +3,16 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-PEERS   := storescu echoscu storescp dciodvfy Orthanc promtool systemd-analyze openssl
-APT_PKGS := dcmtk orthanc dicom3tools prometheus systemd openssl
+PEERS   := storescu echoscu storescp dciodvfy Orthanc promtool systemd-analyze openssl chromium
+APT_PKGS := dcmtk orthanc orthanc-dicomweb dicom3tools prometheus systemd openssl chromium fonts-dejavu-core
+# Test peers that are files, not commands on PATH (Orthanc plugins).
+PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+# A real Triton Inference Server for tests/test_kserve.py, in its own venv
+# (nvidia-pytriton pins numpy<2), with the node's onnxruntime version.
+TRITON_VENV ?= .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell cat tests/kserve_server/requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test setup test-peers bench clean
+.PHONY: run test setup test-peers triton-server bench clean install
 
 setup: $(STAMP)
 
@@ -16,11 +22,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+triton-server: $(TRITON_STAMP)
+
+$(TRITON_STAMP): tests/kserve_server/requirements.txt $(STAMP)
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q -r tests/kserve_server/requirements.txt \
+	  "onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')"
+	rm -f $(TRITON_VENV)/.installed-* && touch $@
+
 run: $(STAMP)
 	$(VENV)/bin/dicom-node -c conf/node.yaml serve
 
 test-peers:
 	@missing=""; for t in $(PEERS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	for f in $(PEER_FILES); do [ -f $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing test peers (missing:$$missing)"; \
@@ -28,11 +44,17 @@ test-peers:
 	  else echo "missing:$$missing; run: sudo apt-get install $(APT_PKGS)"; exit 1; fi; \
 	fi
 
-test: $(STAMP) test-peers
+test: $(STAMP) $(TRITON_STAMP) test-peers
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP) test-peers
 	$(PY) bench/ingest.py && $(PY) bench/send.py && $(PY) bench/denoise.py && $(PY) bench/cardiac.py && $(PY) bench/cxr.py && $(PY) bench/memory.py
 
+# Production install (root): user dicom-node, /opt/dicom-node/.venv,
+# /etc/dicom-node/node.yaml, /var/lib/dicom-node, the systemd unit, enabled.
+# See scripts/install.sh --help (DESTDIR=..., --gpu, --no-enable, --dry-run).
+install:
+	sh scripts/install.sh $(INSTALL_ARGS)
+
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) data .pytest_cache

@@ -25,7 +25,8 @@ from dicom_node.synthetic.dicom_ct import ct_series  # noqa: E402
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
 
 __all__ = ["NODELAY", "NodeProcess", "Orthanc", "free_port", "wait_for", "make_series", "write_datasets",
-           "StoreSCP", "storescu_time", "workdir"]
+           "StoreSCP", "storescu_time", "workdir", "end_to_end_seconds", "TimedModel", "stage_line",
+           "JsonLogNode", "scp_json_node"]
 
 
 def workdir() -> Path:
@@ -83,18 +84,93 @@ def cleanup(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def end_to_end_seconds(node: "NodeProcess", expected_results: int, timeout: float = 600) -> float:
-    """Seconds from the node's completion of the (single) job's series to the
-    destination's acknowledgement of its last result object."""
+def end_to_end_seconds(node: NodeProcess, expected_results: int, timeout: float = 600,
+                       job_index: int = 0) -> float:
+    """Seconds from the node's completion of a job's series (the first job,
+    or the ``job_index``-th in order of creation) to the destination's
+    acknowledgement of its last result object."""
     store = node.store()
+
+    def job_and_items():
+        jobs = sorted(store.jobs(), key=lambda j: j.id)
+        if len(jobs) <= job_index:
+            return None, []
+        job = jobs[job_index]
+        return job, [i for i in store.outbox_items() if i.job_id == job.id]
+
     wait_for(lambda: (lambda items: len(items) >= expected_results and all(i.state == "sent" for i in items))(
-        store.outbox_items()), timeout, 0.1, f"{expected_results} results acknowledged")
-    job = store.jobs()[0]
-    last_ack = max(i.sent_at for i in store.outbox_items() if i.sent_at)
+        job_and_items()[1]), timeout, 0.1, f"{expected_results} results acknowledged")
+    job, items = job_and_items()
+    last_ack = max(i.sent_at for i in items if i.sent_at)
     return last_ack - job.completed_at
 
 
-def scp_node(root: Path, scp: "StoreSCP", route: dict) -> "NodeProcess":
+class JsonLogNode(NodeProcess):
+    """A node that logs one JSON object per line, so that a bench can read
+    each job's stage times as the worker measured them."""
+
+    def start(self, wait: bool = True) -> JsonLogNode:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "-c", str(self.config_path), "serve", "--json-logs"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
+        if wait:
+            wait_for(self.ready, 60, 0.1, "node ready")
+        return self
+
+    def job_stages(self, job_index: int) -> dict[str, float]:
+        """Stage seconds (decode, inference, encode, write) of the
+        ``job_index``-th job, from the worker's line for it; {} if absent."""
+        import json
+        jobs = sorted(self.store().jobs(), key=lambda j: j.id)
+        if len(jobs) <= job_index:
+            return {}
+        job_id = jobs[job_index].id
+        for line in self.log().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("job_id") == job_id and rec.get("state") == "done":
+                return {k[:-2]: float(v) for k, v in rec.items()
+                        if k.endswith("_s") and k != "duration_s" and isinstance(v, (int, float))}
+        return {}
+
+
+def scp_json_node(root: Path, scp: StoreSCP, route: dict) -> JsonLogNode:
+    """A JSON-logging node whose route sends to ``scp``."""
+    return JsonLogNode(root / "node", peers=[{"name": "scp", "ae_title": "STORESCP", "host": "127.0.0.1",
+                                              "port": scp.port}],
+                       destinations=[{"name": "scp", "kind": "dicom", "peer": "scp"}],
+                       routes=[{**route, "destinations": ["scp"]}]).start()
+
+
+class TimedModel:
+    """A loaded model whose ``run`` calls are timed: the model's own time,
+    without the pipeline's pre- and post-processing around it."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def run(self, inputs, outputs=None):
+        start = time.perf_counter()
+        try:
+            return self._model.run(inputs, outputs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
+def stage_line(timings: dict) -> str:
+    return ", ".join(f"{k} {v:.3f} s" for k, v in timings.items())
+
+
+def scp_node(root: Path, scp: StoreSCP, route: dict) -> NodeProcess:
     """A node whose route sends to ``scp``."""
     return NodeProcess(root / "node", peers=[{"name": "scp", "ae_title": "STORESCP", "host": "127.0.0.1",
                                               "port": scp.port}],

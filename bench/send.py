@@ -13,6 +13,7 @@ import time
 from common import StoreSCP, cleanup, make_series, storescu_time, workdir
 
 from dicom_node.config import Peer
+from dicom_node.net.pynetdicom_compat import configure_process
 from dicom_node.send.scu import StoreRequest, send_files
 
 
@@ -22,6 +23,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     root = workdir()
+    configure_process(send_chunked=True)  # what the node's sender process sets
     try:
         files = make_series(root / "series", args.slices)
         mb = sum(f.stat().st_size for f in files) / 1e6

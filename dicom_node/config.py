@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo,
+                      field_serializer, field_validator, model_validator)
 
 from dicom_node.errors import ConfigError
 
@@ -25,19 +25,32 @@ __all__ = [
     "DicomDestination",
     "FolderDestination",
     "SenderDestination",
+    "DicomwebDestination",
     "Destination",
     "Match",
     "Route",
     "NodeSettings",
     "InferenceSettings",
+    "KServeSettings",
+    "KServeTarget",
+    "KServeTlsSettings",
+    "ModelBackendSettings",
     "OutboxSettings",
     "RetentionSettings",
     "Config",
     "load_config",
+    "find_config",
+    "check_deployment",
     "DEFAULT_CONFIG",
+    "SYSTEM_CONFIG",
+    "CONFIG_ENV",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "node.yaml"
+# Where the CLI and ``serve`` look for the configuration without ``-c``, in order:
+# $DICOM_NODE_CONFIG, SYSTEM_CONFIG, then the embedded DEFAULT_CONFIG.
+CONFIG_ENV = "DICOM_NODE_CONFIG"
+SYSTEM_CONFIG = Path("/etc/dicom-node/node.yaml")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 
@@ -58,6 +71,16 @@ AETitle = Annotated[str, Field(min_length=1, max_length=16)]
 # TLS 1.2 or newer only; that is fixed, not a setting.  Relative paths resolve
 # against the config's base dir (as data_dir does) and the files must exist
 # when the configuration is loaded, so check-config names a missing one.
+
+
+def _secret_file(value: Path, info: ValidationInfo) -> Path:
+    """A password or token file: it exists, is readable, and is not empty.
+    Its content is read when it is used, never kept in the configuration."""
+    path = _tls_file(value, info)
+    assert path is not None
+    if not path.read_bytes().strip():
+        raise ValueError(f"{path}: empty")
+    return path
 
 
 def _tls_file(value: Path | None, info: ValidationInfo) -> Path | None:
@@ -161,8 +184,122 @@ class SenderDestination(_Frozen):
     name: str
 
 
+class DicomwebBasicAuth(_Frozen):
+    """HTTP basic auth; the password is read from a file at each send."""
+
+    kind: Literal["basic"]
+    username: str = Field(min_length=1, pattern=r"^[^:\s]+$")
+    password_file: Path
+
+    _files = field_validator("password_file")(_secret_file)
+
+
+class DicomwebBearerAuth(_Frozen):
+    """``Authorization: Bearer <token>``; the token is read from a file at each send."""
+
+    kind: Literal["bearer"]
+    token_file: Path
+
+    _files = field_validator("token_file")(_secret_file)
+
+
+class DicomwebNoAuth(_Frozen):
+    kind: Literal["none"]
+
+
+DicomwebAuth = Annotated[DicomwebNoAuth | DicomwebBasicAuth | DicomwebBearerAuth,
+                         Field(discriminator="kind")]
+
+
+class DicomwebTlsSettings(_Frozen):
+    """``destinations[].tls`` of a dicomweb destination (an https:// url)."""
+
+    # PEM bundle of the CAs the server's certificate must chain to; the
+    # system's CAs when omitted.
+    ca_file: Path | None = None
+    # Our client certificate and key, for servers that require one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # Verify the server's certificate and host name.  Off is for a test
+    # bench only (urllib3 warns at each request).
+    verify: bool = True
+
+    _files = field_validator("certificate", "private_key", "ca_file")(_tls_file)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "DicomwebTlsSettings":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (give both or neither)")
+        if not self.verify and self.ca_file is not None:
+            raise ValueError("ca_file has no meaning with verify: false")
+        return self
+
+
+# Headers the sender sets itself, or that would put a secret inline.
+_DICOMWEB_OWN_HEADERS = {"authorization", "content-type", "content-length", "accept", "host",
+                         "transfer-encoding"}
+
+
+class DicomwebDestination(_Frozen):
+    """STOW-RS to a DICOMweb service (dicom_node/send/dicomweb.py)."""
+
+    kind: Literal["dicomweb"]
+    name: str
+    # Base URL of the service; instances are POSTed to {url}/studies.
+    url: str
+    auth: DicomwebAuth | None = None
+    tls: DicomwebTlsSettings | None = None
+    # Seconds to connect, and to wait for each response.
+    timeout_s: float = Field(default=60.0, gt=0)
+    # Bounds of one STOW-RS request; a single larger file goes alone.
+    max_instances_per_request: int = Field(default=50, ge=1, le=1000)
+    max_request_bytes: int = Field(default=64 * 1024 ** 2, ge=1024)
+    # Sent with every request (a tenant, an API gateway key name...).
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    _masked = field_serializer("headers")(lambda self, value: _mask_headers(value))
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url {value!r}: expected http(s)://host[:port]/path, the service's "
+                             "base URL (e.g. http://pacs:8042/dicom-web)")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("url: credentials do not go in the url; use auth with a "
+                             "password_file or token_file")
+        if parts.query or parts.fragment:
+            raise ValueError(f"url {value!r}: no query or fragment in a base URL")
+        try:
+            _ = parts.port  # out of range or not a number
+        except ValueError as exc:
+            raise ValueError(f"url {value!r}: {exc}") from None
+        return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_headers(value)
+        for key in value:
+            if key.lower() in _DICOMWEB_OWN_HEADERS:
+                raise ValueError(f"header {key}: set by the sender"
+                                 + (" (credentials go in auth, from a file)"
+                                    if key.lower() == "authorization" else ""))
+        return value
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> "DicomwebDestination":
+        if self.tls is not None and not self.url.startswith("https://"):
+            raise ValueError("tls: has no meaning with an http:// url (use https://)")
+        return self
+
+
 Destination = Annotated[
-    DicomDestination | FolderDestination | SenderDestination, Field(discriminator="kind")
+    DicomDestination | FolderDestination | SenderDestination | DicomwebDestination,
+    Field(discriminator="kind")
 ]
 
 
@@ -217,6 +354,44 @@ class Route(_Frozen):
 class HttpSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=9109, ge=0, le=65535)
+    # The status page (GET /, /api/...): read-only, no patient data.
+    status_page: bool = True
+    # Where the page is served behind a reverse proxy, e.g. "/dicom-node";
+    # its links carry the prefix, requests are accepted with or without it.
+    path_prefix: str = ""
+    # POST actions (retry, release/discard a held job, revive dead letters,
+    # echo a destination) need one of these; without them POST answers 403.
+    # Authorization: Bearer <token>
+    token: SecretStr | None = None
+    # Or HTTP basic auth (both or neither).
+    username: str | None = Field(default=None, min_length=1, pattern=r"^[^:\s]+$")
+    password: SecretStr | None = None
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if value and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+            raise ValueError(f"path_prefix {value!r} must look like /name or /a/b "
+                             "(letters, digits, . _ ~ -)")
+        return value
+
+    @field_validator("token", "password")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 12:
+            raise ValueError(f"{info.field_name} must be at least 12 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _basic_pair(self) -> "HttpSettings":
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together (give both or neither)")
+        return self
+
+    @property
+    def actions_enabled(self) -> bool:
+        return self.token is not None or self.username is not None
 
 
 class NodeSettings(_Frozen):
@@ -228,8 +403,18 @@ class NodeSettings(_Frozen):
     allow_any_caller: bool = True
     # Check the called AE title against ``ae_title``.
     require_called_ae: bool = False
+    # Largest P-DATA PDU we receive; 0 (no limit in DICOM) and anything over
+    # 4 MiB advertise and enforce 4 MiB (dicom_node/net/pdu.py HARD_MAX_PDU).
     max_pdu: int = Field(default=262144, ge=0)
+    # Established associations at once (per receiver process); connections
+    # still negotiating do not count.
     max_associations: int = Field(default=16, ge=1)
+    # TCP connections open at once on the DICOM port (per receiver process),
+    # negotiating or established; one more is closed at once, before a thread
+    # is started for it.  Default: 4 x max_associations.  At least
+    # max_associations, and leave headroom: refusing an association (with a
+    # reason) needs a connection.
+    max_connections: int | None = Field(default=None, ge=1)
     network_timeout_s: float = Field(default=60, gt=0)
     # Seconds an idle association is kept before we release it.
     acse_timeout_s: float = Field(default=30, gt=0)
@@ -251,18 +436,173 @@ class NodeSettings(_Frozen):
     # BitsAllocated/8 accepted: a decompression bomb is refused before any
     # pixel buffer is allocated, at reception and again in the worker.
     max_pixel_bytes: int = Field(default=2 * 1024 ** 3, ge=1)
+    # Deflated Explicit VR datasets are inflated in bounded steps at reception
+    # and refused (0xC221) once the inflated size passes max(64 MiB, this x
+    # the deflated size), or max_pixel_bytes + 64 MiB, whichever is lower.
+    # Real images deflate 2-20:1; deflate itself cannot exceed about 1032:1.
+    max_inflate_ratio: int = Field(default=100, ge=1)
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @model_validator(mode="after")
+    def _connections_cover_associations(self) -> "NodeSettings":
+        if self.max_connections is not None and self.max_connections < self.max_associations:
+            raise ValueError(f"node.max_connections {self.max_connections} is below "
+                             f"node.max_associations {self.max_associations}: every association "
+                             "needs a connection")
+        return self
+
+    @property
+    def connection_limit(self) -> int:
+        """max_connections, or its default of 4 x max_associations."""
+        return self.max_connections if self.max_connections is not None else 4 * self.max_associations
+
+
+class KServeTlsSettings(_Frozen):
+    """TLS to a KServe v2 server (``inference.kserve.tls``, ``inference.models.NAME.tls``)."""
+
+    # PEM bundle of the CAs the server's certificate must chain to; the
+    # system's CAs when omitted.  The server's certificate and host name are
+    # always verified.
+    ca_file: Path | None = None
+    # Our client certificate and key, for servers that require one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    _files = field_validator("certificate", "private_key", "ca_file")(_tls_file)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "KServeTlsSettings":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (give both or neither)")
+        return self
+
+
+def _check_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if "://" in value:
+        raise ValueError(f"url {value!r}: give host:port without a scheme; the protocol is set by "
+                         "protocol and TLS by tls")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"url {value!r}: expected host:port")
+    return value
+
+
+def _mask_headers(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Header values are often credentials: check-config prints their names only."""
+    return None if value is None else {key: "(set)" for key in value}
+
+
+def _check_headers(value: dict[str, str]) -> dict[str, str]:
+    for key, text in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", key):
+            raise ValueError(f"header name {key!r} is not a valid HTTP header name")
+        if any(c in text for c in "\r\n\0"):
+            raise ValueError(f"header {key}: value holds a line break or NUL")
+    return value
+
+
+class KServeSettings(_Frozen):
+    """``inference.kserve``: the KServe v2 server (a Triton) for every model
+    whose backend is ``kserve``; each field can be overridden per model."""
+
+    url: str | None = None  # host:port (Triton: 8001 gRPC, 8000 HTTP)
+    protocol: Literal["grpc", "http"] = "grpc"
+    # Deadline of each call to the server (metadata, inference).
+    timeout_s: float = Field(default=60.0, gt=0)
+    tls: KServeTlsSettings | None = None
+    # Sent with every request (an API key, a tenant): the server's business.
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    _url = field_validator("url")(_check_url)
+    _headers = field_validator("headers")(_check_headers)
+    _masked = field_serializer("headers")(lambda self, value: _mask_headers(value))
+
+
+class ModelBackendSettings(_Frozen):
+    """``inference.models.NAME``: where one model runs.  Unset fields come
+    from ``inference.backend`` and ``inference.kserve``."""
+
+    backend: Literal["onnxruntime", "kserve"] | None = None
+    url: str | None = None
+    protocol: Literal["grpc", "http"] | None = None
+    # The model's name and version on the server; default: the manifest's
+    # name, and the server's version policy (usually the newest).
+    model_name: str | None = Field(default=None, min_length=1)
+    model_version: str | None = Field(default=None, pattern=r"^[0-9]+$")
+    timeout_s: float | None = Field(default=None, gt=0)
+    tls: KServeTlsSettings | None = None
+    headers: dict[str, str] | None = None
+
+    _url = field_validator("url")(_check_url)
+    _headers = field_validator("headers")(_check_headers)
+    _masked = field_serializer("headers")(lambda self, value: _mask_headers(value))
+
+
+class KServeTarget(_Frozen):
+    """One model's resolved KServe endpoint (built by InferenceSettings.target)."""
+
+    url: str
+    protocol: Literal["grpc", "http"]
+    model_name: str
+    model_version: str = ""
+    timeout_s: float
+    tls: KServeTlsSettings | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+_REMOTE_FIELDS = ("url", "protocol", "model_name", "model_version", "timeout_s", "tls", "headers")
 
 
 class InferenceSettings(_Frozen):
     models_dir: Path = Path(__file__).resolve().parent.parent / "models_onnx"
+    # Where models run: onnxruntime in this process, or a KServe v2 server
+    # (Triton) at inference.kserve; inference.models overrides it per model.
+    backend: Literal["onnxruntime", "kserve"] = "onnxruntime"
+    kserve: KServeSettings = KServeSettings()
+    models: dict[str, ModelBackendSettings] = Field(default_factory=dict)
     providers: list[Literal["TensorrtExecutionProvider", "CUDAExecutionProvider",
                             "CPUExecutionProvider"]] = [
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     device_id: int = Field(default=0, ge=0)
     intra_op_threads: int = Field(default=0, ge=0)  # 0 = onnxruntime decides
     batch_size: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _backends(self) -> "InferenceSettings":
+        for name, model in self.models.items():
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"inference.models.{name}: not a model name (a manifest's name)")
+            backend = model.backend or self.backend
+            given = [f for f in _REMOTE_FIELDS if getattr(model, f) is not None]
+            if backend == "onnxruntime" and given:
+                raise ValueError(f"inference.models.{name}.{given[0]}: has no meaning with backend "
+                                 "onnxruntime")
+            if backend == "kserve" and (model.url or self.kserve.url) is None:
+                raise ValueError(f"inference.models.{name}.url: backend kserve needs a url "
+                                 "(here or in inference.kserve.url)")
+        if self.backend == "kserve" and self.kserve.url is None:
+            raise ValueError("inference.kserve.url: backend kserve needs the server's host:port")
+        return self
+
+    def backend_of(self, name: str) -> str:
+        model = self.models.get(name)
+        return (model.backend if model and model.backend else None) or self.backend
+
+    def target(self, name: str) -> KServeTarget | None:
+        """The KServe endpoint of model ``name``, None when it runs in process."""
+        if self.backend_of(name) != "kserve":
+            return None
+        model = self.models.get(name) or ModelBackendSettings()
+        server = self.kserve
+        return KServeTarget(
+            url=model.url or server.url, protocol=model.protocol or server.protocol,
+            model_name=model.model_name or name, model_version=model.model_version or "",
+            timeout_s=model.timeout_s or server.timeout_s,
+            tls=model.tls if model.tls is not None else server.tls,
+            headers={**server.headers, **(model.headers or {})})
 
 
 class OutboxSettings(_Frozen):
@@ -312,8 +652,15 @@ class Config(_Frozen):
             if isinstance(dest, DicomDestination) and not self.peer(dest.peer).may_receive_results:
                 raise ValueError(f"destinations.{dest.name}.peer: peer {dest.peer!r} has "
                                  "may_receive_results: false")
+        for name in self.inference.models:
+            if not (self.models_dir / f"{name}.yaml").is_file():
+                raise ValueError(f"inference.models.{name}: no manifest {name}.yaml in {self.models_dir}")
         dest_names = {d.name for d in self.destinations}
         for route in self.routes:
+            for i, cond in enumerate(route.match):
+                problem = _keyword_problem(cond.keyword)
+                if problem:
+                    raise ValueError(f"routes.{route.name}.match.{i}.keyword: {problem}")
             for name in route.destinations:
                 if name not in dest_names:
                     raise ValueError(f"routes.{route.name}.destinations: unknown destination {name!r}")
@@ -372,11 +719,48 @@ def _resolve(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def _keyword_problem(keyword: str) -> str | None:
+    """Why a match keyword can never match (None when it is a DICOM keyword
+    from pydicom's dictionary or one of the router's association facts)."""
+    from pydicom.datadict import keyword_dict
+
+    from dicom_node.route.router import CONTEXT_KEYS
+
+    if keyword in keyword_dict or keyword in CONTEXT_KEYS:
+        return None
+    known = [*CONTEXT_KEYS, *keyword_dict]
+    return f"{keyword!r} is not a DICOM keyword{_did_you_mean(keyword, known)}"
+
+
+def _did_you_mean(word: str, known: list[str]) -> str:
+    import difflib
+
+    folded = {k.lower(): k for k in known}
+    if word.lower() in folded:
+        return f" (did you mean {folded[word.lower()]}?)"
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def find_config() -> tuple[Path, str]:
+    """The configuration ``serve`` and the CLI use without ``-c``, and why:
+    $DICOM_NODE_CONFIG, then /etc/dicom-node/node.yaml, then the embedded default."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env), f"from ${CONFIG_ENV}"
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG, "the system configuration"
+    return DEFAULT_CONFIG, "the embedded default"
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read, validate and freeze the configuration.
 
-    Relative paths in the file (data dir, folder destinations) resolve against
-    the working directory, so ``make run`` keeps its data under the checkout.
+    Relative paths in the file (data dir, models dir, TLS files) resolve
+    against the file's folder, whatever the working directory; folder
+    destinations resolve against the data dir.  The embedded default
+    (conf/node.yaml) resolves against the checkout, the folder above conf/,
+    so ``make run`` keeps its data in ./data of the checkout.
     """
     path = path or DEFAULT_CONFIG
     try:
@@ -389,7 +773,10 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"{path}: top level must be a mapping")
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
-    raw.setdefault("base_dir", str(Path.cwd()))
+    folder = path.resolve().parent
+    if path.resolve() == DEFAULT_CONFIG:
+        folder = folder.parent
+    raw.setdefault("base_dir", str(folder))
     try:
         # The context lets TLS file paths resolve against base_dir while validating.
         return Config.model_validate(raw, context={"base_dir": raw["base_dir"]})
@@ -398,17 +785,213 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``--set a.b.c=v``; a list item is named by its index or its ``name``
+    (``routes.0.quiet_seconds``, ``routes.ct.quiet_seconds``)."""
     parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    if not all(parts):
+        raise ConfigError(f"--set {key}: empty key part")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "(top level)"
+        if isinstance(node, list):
+            index = _list_index(node, part, key, where)
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {key}: {where} is a value ({node!r}), not a section")
+
+
+def _list_index(items: list, part: str, key: str, where: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise ConfigError(f"--set {key}: {where} has {len(items)} entries, no index {index}")
+        return index
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return index
+    raise ConfigError(f"--set {key}: no entry named {part!r} in {where} "
+                      f"(entries: {', '.join(map(str, names)) or 'none'})")
 
 
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors()[:8]:
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}")
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
+
+
+# -- the checks that look outside the file: ``check-config`` and ``serve`` ------
+
+
+def check_deployment(config: Config, *, ports: bool) -> tuple[list[str], list[str]]:
+    """Everything that would make the node fail later, checked now:
+    (errors, warnings), each ``key: reason`` on one line.
+
+    Each route's pipeline exists, its model's manifest exists and passes its
+    contract check, and the pipeline can use the model (the checks the worker
+    runs before every job); the data dir and the folder destinations are
+    writable or can be created; the DICOM and HTTP ports are free (``ports``:
+    ``serve`` checks them; for ``check-config`` a port in use, by the running
+    node perhaps, is a warning); the hosts of peers that results go to resolve.
+    A model on a remote (KServe) server that does not answer or does not
+    pass is a warning: the server can change without the node, which starts
+    and reports it on /readyz."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    errors += _check_routes(config, warnings)
+    problem = _writable_dir(config.data_dir)
+    if problem:
+        errors.append(f"node.data_dir: {problem}")
+    for dest in config.destinations:
+        if isinstance(dest, FolderDestination):
+            problem = _writable_dir(config.folder_path(dest))
+            if problem:
+                errors.append(f"destinations.{dest.name}.path: {problem}")
+    node = config.node
+    for key, host, port in (("node.port", node.host, node.port),
+                            ("node.http.port", node.http.host, node.http.port)):
+        problem = _port_problem(host, port)
+        if problem:
+            (errors if ports else warnings).append(f"{key}: {problem}")
+    errors += _check_peer_hosts(config)
+    return errors, warnings
+
+
+def _check_routes(config: Config, warnings: list[str]) -> list[str]:
+    from dicom_node.infer.engine import ModelRegistry
+    from dicom_node.pipelines.base import check_pair, pipeline_names
+
+    errors: list[str] = []
+    known = pipeline_names()
+    registry = ModelRegistry.from_settings(config.models_dir, config.inference)
+    models = registry.names()
+    verdicts: dict[str, Any] = {}
+    for route in config.routes:
+        key = f"routes.{route.name}"
+        if route.pipeline not in known:
+            errors.append(f"{key}.pipeline: unknown pipeline {route.pipeline!r}"
+                          f"{_did_you_mean(route.pipeline, known)} (pipelines: {', '.join(known)})")
+            continue
+        if route.model not in models:
+            errors.append(f"{key}.model: no manifest {route.model}.yaml in {config.models_dir}"
+                          f"{_did_you_mean(route.model, models)} (models: {', '.join(models) or 'none'})")
+            continue
+        if route.model not in verdicts:
+            verdicts[route.model] = _quietly(registry.check, route.model)
+        verdict = verdicts[route.model]
+        if verdict.transient or (not verdict.ok and registry.backend_of(route.model) == "kserve"):
+            # A remote server's state (down, or without the model yet) can
+            # change without the node: it starts and /readyz reports it.
+            warnings.append(f"{key}.model: {route.model}: {verdict.detail} (the node starts; "
+                            "/readyz reports it until the server has it)")
+        elif not verdict.ok:
+            errors.append(f"{key}.model: {route.model} failed its contract check: {verdict.detail}")
+            continue
+        try:
+            manifest = registry.manifest(route.model)
+        except Exception as exc:  # noqa: BLE001 - a bad manifest is the reason to report
+            errors.append(f"{key}.model: {exc}")
+            continue
+        problems = check_pair(route.pipeline, manifest)
+        if problems:
+            errors.append(f"{key}.model: {route.model} does not suit pipeline {route.pipeline}: "
+                          + "; ".join(problems))
+    return errors
+
+
+def _quietly(check: Any, name: str) -> Any:
+    """A model check without its load-time warnings (the provider it fell
+    back to): the node logs them when it loads the model, once."""
+    import logging
+
+    infer = logging.getLogger("dicom_node.infer")
+    level = infer.level
+    infer.setLevel(logging.ERROR)
+    try:
+        return check(name)
+    finally:
+        infer.setLevel(level)
+
+
+def _writable_dir(path: Path) -> str | None:
+    """Why ``path`` cannot be used as a folder to write in (None: it can).
+    A missing folder must be creatable: its nearest existing parent is
+    tried with a temporary folder, which is removed again."""
+    import tempfile
+
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is not a folder"
+        try:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            return f"{path} is not writable: {exc.strerror}"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{path} cannot be created: {parent} is not a folder"
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".write-check-").cleanup()
+    except OSError as exc:
+        return f"{path} cannot be created: {parent} is not writable: {exc.strerror}"
+    return None
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Bind ``host:port`` as the node will (SO_REUSEADDR) and let it go."""
+    import errno
+    import socket
+
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot listen on {host}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use (another dicom-node or server?)"
+            if exc.errno == errno.EACCES:
+                return f"port {port} on {host} needs root or CAP_NET_BIND_SERVICE"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"{host} is not an address of this machine"
+            return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
+
+
+def _check_peer_hosts(config: Config) -> list[str]:
+    """The hosts of peers that destinations send to must resolve."""
+    import socket
+
+    errors = []
+    used = {d.peer: d.name for d in config.destinations if isinstance(d, DicomDestination)}
+    for peer in config.peers:
+        if peer.name not in used:
+            continue
+        try:
+            socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            why = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+            errors.append(f"peers.{peer.name}.host: {peer.host!r} does not resolve ({why}); "
+                          f"destination {used[peer.name]} sends to it")
+    return errors

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from dicom_node.config import Config, Peer
+from dicom_node.net.pynetdicom_compat import configure_process
 from dicom_node.send.scu import StoreRequest, send_files
 from dicom_node.store.db import Store
 from dicom_node.synthetic import cardiac_phantom, ct_phantom, cxr_phantom
@@ -22,7 +24,7 @@ from dicom_node.synthetic.dicom_ct import ct_series
 from dicom_node.synthetic.dicom_dx import dx_image
 from dicom_node.synthetic.dicom_mr import cine_series
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "summarize"]
 
 
 def _ct(seed: str, slices: int, size: int) -> list[Dataset]:
@@ -60,6 +62,7 @@ def run_demo(config: Config, *, slices: int, size: int, timeout_s: float) -> int
         print("no route uses a pipeline the demo knows (ct_denoise, cardiac_seg, cxr_triage)", file=sys.stderr)
         return 1
     failures = 0
+    summaries: list[str] = []
     for pipeline in dict.fromkeys(pipelines):
         what, make = _STUDIES[pipeline]
         seed = f"demo-{pipeline}-{time.time_ns()}"
@@ -68,7 +71,12 @@ def run_demo(config: Config, *, slices: int, size: int, timeout_s: float) -> int
         series = {str(ds.SeriesInstanceUID) for ds in datasets}
         if not _send(target, datasets):
             return 1
-        failures += _wait(config, series, timeout_s)
+        failed, results = _wait(config, series, timeout_s)
+        failures += failed
+        summaries.append(f"  {_LABELS[pipeline]:4s} {summarize(pipeline, results) if results else 'no results'}")
+    print("summary (read from the result objects):")
+    for line in summaries:
+        print(line)
     return 1 if failures else 0
 
 
@@ -79,6 +87,7 @@ def _send(target: Peer, datasets: list[Dataset]) -> bool:
             path = Path(tmp) / f"{i}.dcm"
             dcmwrite(path, ds, enforce_file_format=True)
             requests.append(StoreRequest(i, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+        configure_process(send_chunked=True)  # files go out as written, as the node sends
         outcomes = send_files(target, requests, calling_ae="DEMO_SCU")
     failed = [o for o in outcomes if not o.ok]
     print(f"  sent {len(outcomes) - len(failed)}/{len(outcomes)} instances to "
@@ -88,15 +97,15 @@ def _send(target: Peer, datasets: list[Dataset]) -> bool:
     return not failed
 
 
-def _wait(config: Config, series: set[str], timeout_s: float) -> int:
+def _wait(config: Config, series: set[str], timeout_s: float) -> tuple[int, list[Dataset]]:
     store = Store(config.data_dir / "node.db")
     print(f"  waiting for the quiet period, inference and sending (up to {timeout_s:.0f} s) ...")
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         jobs = [j for j in store.jobs(limit=50) if series & set(j.series_uids)]
-        if jobs and jobs[0].state in ("failed", "skipped"):
+        if jobs and jobs[0].state in ("failed", "skipped", "held"):
             print(f"  job {jobs[0].id} {jobs[0].state}: {jobs[0].reason}", file=sys.stderr)
-            return 1
+            return 1, []
         if jobs and jobs[0].state == "done":
             items = store.outbox_items(jobs[0].id)
             if items and all(i.state != "pending" for i in items):
@@ -104,10 +113,81 @@ def _wait(config: Config, series: set[str], timeout_s: float) -> int:
                     print(f"    {item.state:5s} {item.destination}: {Path(item.path).name}")
                 print(f"  job {jobs[0].id} done: {len(items)} result objects; "
                       f"files under {config.data_dir / 'results'}")
-                return 0 if all(i.state == "sent" for i in items) else 1
+                results = _read({Path(i.path) for i in items})
+                return (0 if all(i.state == "sent" for i in items) else 1), results
         time.sleep(0.5)
     print("  timed out; see `dicom-node jobs` and the node's log", file=sys.stderr)
-    return 1
+    return 1, []
+
+
+_LABELS = {"ct_denoise": "CT", "cardiac_seg": "MR", "cxr_triage": "CXR"}
+
+
+def _read(paths: set[Path]) -> list[Dataset]:
+    out = []
+    for path in sorted(paths):
+        try:
+            out.append(dcmread(path))
+        except (OSError, InvalidDicomError):
+            continue  # sent and cleaned up already: the summary says what it can
+    return out
+
+
+def summarize(pipeline: str, results: list[Dataset]) -> str:
+    """One line of what came back, from the result objects themselves
+    (their SR measurements and SEG labels), never from the node's log."""
+    srs = [ds for ds in results if ds.Modality == "SR"]
+    numbers = [item for ds in srs for item in _content(ds) if item.ValueType == "NUM"]
+    codes = [item for ds in srs for item in _content(ds) if item.ValueType == "CODE"]
+    if pipeline == "ct_denoise":
+        images = [ds for ds in results if ds.Modality == "CT"]
+        noise = _values(numbers, "Image noise")
+        text = f"{len(images)} denoised slices" + (" + SR" if srs else "")
+        if len(noise) >= 2:
+            text += f", noise {noise[0]:.0f}\u2192{noise[-1]:.0f} HU"
+        return text
+    if pipeline == "cardiac_seg":
+        lvef = _values(numbers, "Left ventricular ejection fraction")
+        phases = sorted({str(ds.get("ContentLabel", "")).removesuffix("_PHASE")
+                         for ds in results if ds.Modality == "SEG"}, key=lambda p: (p != "ED", p))
+        parts = [f"LVEF {lvef[0]:.0f} %" if lvef else "LVEF not measured"]
+        if phases:
+            parts.append("SEG " + "/".join(phases))
+        return ", ".join(parts)
+    if pipeline == "cxr_triage":
+        verdict = next((_meaning(c) for c in codes if _name(c) == "Finding"
+                        and _meaning(c) in ("Abnormal", "Normal")), None)
+        probability = _values(numbers, "Probability")
+        text = (verdict or "no verdict").upper()
+        return text + (f" p = {probability[0]:.2f}" if probability else "")
+    return f"{len(results)} result objects"
+
+
+def _content(ds: Dataset):
+    """Every content item of an SR, depth first."""
+    stack = list(reversed(ds.get("ContentSequence", [])))
+    while stack:
+        item = stack.pop()
+        yield item
+        stack.extend(reversed(item.get("ContentSequence", [])))
+
+
+def _name(item: Dataset) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeMeaning) if seq else ""
+
+
+def _meaning(item: Dataset) -> str:
+    seq = item.get("ConceptCodeSequence")
+    return str(seq[0].CodeMeaning) if seq else ""
+
+
+def _values(numbers: list[Dataset], name_starts: str) -> list[float]:
+    out = []
+    for item in numbers:
+        if _name(item).startswith(name_starts) and item.get("MeasuredValueSequence"):
+            out.append(float(item.MeasuredValueSequence[0].NumericValue))
+    return out
 
 
 def _connect_host(host: str) -> str:

@@ -9,8 +9,11 @@ __all__ = [
     "ModelLoadError",
     "StoreError",
     "PipelineError",
+    "ContractError",
+    "InferenceUnavailable",
     "SkipSeries",
     "SendError",
+    "JobStateError",
 ]
 
 
@@ -38,6 +41,24 @@ class PipelineError(DicomNodeError):
     """A pipeline could not process a series; the job fails with this reason."""
 
 
+class ContractError(PipelineError):
+    """A model's inputs or outputs break its manifest (dtype, shape, value range);
+    the job fails with this reason rather than report what the model said."""
+
+
+class InferenceUnavailable(DicomNodeError):
+    """A remote inference server could not answer now (unavailable, deadline
+    exceeded, overloaded, connection refused).  Transient: the job is queued
+    again after a backoff and never fails for good because of it."""
+
+    retryable = True
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model}: inference server unavailable: {reason}")
+        self.model = model
+        self.reason = reason
+
+
 class SkipSeries(DicomNodeError):
     """The series is not for this pipeline (a lateral CXR, say); recorded, not a failure."""
 
@@ -57,3 +78,8 @@ class SendError(DicomNodeError):
         self.reason = reason
         self.status = status
         self.retryable = retryable
+
+
+class JobStateError(DicomNodeError):
+    """An operator action does not apply to the job in its present state
+    (release or discard a job that is not held, retry a held one)."""

@@ -12,8 +12,10 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
@@ -21,10 +23,12 @@ from prometheus_client import CollectorRegistry
 
 from dicom_node.assemble.completer import Completer
 from dicom_node.config import Config
-from dicom_node.errors import DicomNodeError
 from dicom_node.infer.engine import ModelRegistry
+from dicom_node.pipelines.base import check_pair
+from dicom_node.net import pynetdicom_compat
 from dicom_node.observability.http import HealthServer
-from dicom_node.observability.logs import setup_logging
+from dicom_node.observability.status import StatusPage
+from dicom_node.observability.logs import RepeatLog, setup_logging
 from dicom_node.observability.metrics import (MULTIPROC_ENV, Metrics, RuntimeCollector,
                                               StoreCollector, exposition_registry)
 from dicom_node.receive.scp import Receiver, reconcile_spool
@@ -57,7 +61,10 @@ def receiver_main(config: Config, name: str, log_level: str, json_logs: bool) ->
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     store = Store(config.data_dir / "node.db", synchronous="NORMAL")
-    receiver = Receiver(config, store, Spool(config.data_dir / "spool"),
+    spool = Spool(config.data_dir / "spool")
+    # Process-wide: received datasets go to files in the spool's .tmp.
+    pynetdicom_compat.configure_process(send_chunked=False, receive_tmp_dir=spool.tmp)
+    receiver = Receiver(config, store, spool,
                         Metrics(CollectorRegistry()), reuse_port=True, warn=False)
     receiver.start()
     stop.wait()
@@ -92,6 +99,9 @@ class Node:
         data.mkdir(parents=True, exist_ok=True)
         self.store = Store(data / "node.db")
         self.spool = Spool(data / "spool")
+        # Process-wide pynetdicom switches, set once here: results are sent as
+        # written, received datasets go to files in the spool's .tmp.
+        pynetdicom_compat.configure_process(send_chunked=True, receive_tmp_dir=self.spool.tmp)
         self.metrics = Metrics(self.registry)
         self.exposed = exposition_registry(self.registry)
         self.exposed.register(StoreCollector(self.store, data,
@@ -110,8 +120,10 @@ class Node:
         self._workers += [_WorkerSlot(f"receiver-{i}", role="receiver")
                           for i in range(1, self.config.node.receivers)]
         self._ctx = mp.get_context("spawn")
+        status = StatusPage(self.config, self.store, lambda: self.http.readiness(),
+                            below_watermark=self.receiver.watermark.below, registry=self.exposed)
         self.http = HealthServer(self.config.node.http.host, self.config.node.http.port,
-                                 self.exposed, self._checks())
+                                 self.exposed, self._checks(), status=status)
 
     # -- start and stop --------------------------------------------------------
 
@@ -119,9 +131,9 @@ class Node:
         removed = self.spool.clean_temporary()
         if removed:
             log.info("removed %d partial files left by an interrupted write", removed)
-        indexed = reconcile_spool(self.spool, self.store)
-        if indexed:
-            log.warning("indexed %d spooled instances whose record was lost in a crash", indexed)
+        found = reconcile_spool(self.spool, self.store)
+        if found:
+            log.warning("spool reconciliation: %s", found.describe())
         requeued = self.store.requeue_running(max_attempts=self.config.jobs.max_attempts,
                                               reason="node stopped while the job ran")
         if requeued:
@@ -174,23 +186,32 @@ class Node:
     # -- loops -----------------------------------------------------------------
 
     def _complete_loop(self) -> None:
+        # A full disk or a locked database fails every pass the same way:
+        # one line with the traceback, then a count, not one every 0.5 s.
+        failures = RepeatLog(log, logging.ERROR)
         while not self.stop_event.is_set():
             try:
                 self.completer.run_once()
-            except Exception:  # noqa: BLE001 - edge of the stage: log and go on
-                log.exception("completion pass failed; retrying")
+                failures.clear("completion passes work again")
+            except Exception as exc:  # noqa: BLE001 - edge of the stage: log and go on
+                failures.report(f"completion pass failed; retrying: {type(exc).__name__}: {exc}",
+                                key=f"{type(exc).__name__}: {exc}", exc_info=True)
             self.stop_event.wait(0.5)
 
     # -- retention: once at start, then every retention.interval_s ------------
 
     def _retention_loop(self) -> None:
         settings = self.config.retention
+        failures = RepeatLog(log, logging.ERROR)
         while not self.stop_event.is_set():
             try:
                 run_retention(self.store, self.config.data_dir, spool_days=settings.spool_days,
                               results_days=settings.results_days)
-            except Exception:  # noqa: BLE001 - edge of the stage: log and try next time
-                log.exception("retention pass failed; trying again in %.0f s", settings.interval_s)
+                failures.clear("retention passes work again")
+            except Exception as exc:  # noqa: BLE001 - edge of the stage: log and try next time
+                failures.report(f"retention pass failed; trying again every "
+                                f"{settings.interval_s:.0f} s: {type(exc).__name__}: {exc}",
+                                key=f"{type(exc).__name__}: {exc}", exc_info=True)
             self.stop_event.wait(settings.interval_s)
 
     def _start_worker(self, slot: _WorkerSlot) -> None:
@@ -217,22 +238,64 @@ class Node:
     # -- readiness ---------------------------------------------------------------
 
     def _check_models(self) -> None:
-        inf = self.config.inference
-        registry = ModelRegistry(self.config.models_dir, inf.providers, inf.device_id)
+        """The contract check of every model a route uses, as the workers run
+        it when they load the model, plus whether the route's pipeline can use
+        it; the verdicts stay for /readyz, one check per model."""
+        registry = ModelRegistry.from_settings(self.config.models_dir, self.config.inference)
+        # Kept for /readyz: a remote model is asked again at each check.
+        self._model_registry = registry
+        self._remote_lock = threading.Lock()
         for name in sorted({r.model for r in self.config.routes}):
-            try:
-                registry.verify(name)
-            except (DicomNodeError, OSError) as exc:
-                self.model_problems[name] = str(exc)
-                log.error("model %s cannot be used: %s; its routes' jobs will fail", name, exc)
+            verdict = registry.check(name)
+            if verdict.transient:
+                log.warning("model %s: %s; /readyz reports it until the server answers", name,
+                            verdict.detail)
+            problems = [] if verdict.ok or verdict.transient else [verdict.detail]
+            if verdict.ok or verdict.transient:
+                manifest = registry.manifest(name)
+                for route in self.config.routes:
+                    if route.model == name:
+                        problems += [f"route {route.name}: {p}" for p in check_pair(route.pipeline, manifest)]
+            if problems:
+                self.model_problems[name] = "; ".join(problems)
+                log.error("model %s cannot be used: %s; its routes' jobs will fail", name,
+                          self.model_problems[name])
+            elif verdict.ok:
+                log.info("model %s passed its contract check (%s)", name, verdict.detail)
 
     def _checks(self) -> dict:
         def store() -> str | None:
-            self.store.check_writable()
-            return None
+            # Both really write: a database row, and a synced file in the
+            # spool, so a full or read-only file system shows here.
+            problems = []
+            for what, probe in (("database", self.store.check_writable),
+                                ("spool", self.spool.check_writable)):
+                try:
+                    probe()
+                except (OSError, sqlite3.Error) as exc:
+                    problems.append(f"{what} not writable: {exc}")
+            return "; ".join(problems) or None
+
+        def remote(name: str) -> str | None:
+            """A remote model's live state: loaded and checked, and ready on its server."""
+            registry = getattr(self, "_model_registry", None)
+            if registry is None or registry.backend_of(name) != "kserve" or name in self.model_problems:
+                return None
+            with self._remote_lock:  # /readyz requests run in threads of their own
+                verdict = registry.check(name, live=True)
+            if verdict.ok:
+                return None
+            if not verdict.transient:  # a permanent verdict, as at start
+                self.model_problems[name] = verdict.detail
+            return verdict.detail
 
         def models() -> str | None:
-            return "; ".join(f"{k}: {v}" for k, v in self.model_problems.items()) or None
+            problems = {name: self.model_problems.get(name) or remote(name)
+                        for name in sorted({r.model for r in self.config.routes})}
+            return "; ".join(f"{k}: {v}" for k, v in problems.items() if v) or None
+
+        def model_check(name: str) -> Callable[[], str | None]:
+            return lambda: self.model_problems.get(name) or remote(name)
 
         def disk() -> str | None:
             # The receiver's own watermark, so readiness and refusals agree.
@@ -248,4 +311,6 @@ class Node:
             dead = [s.name for s in self._workers if s.process is None or not s.process.is_alive()]
             return f"not running: {', '.join(dead)}" if dead else None
 
-        return {"store": store, "models": models, "disk": disk, "dicom": dicom, "workers": workers}
+        checks = {"store": store, "models": models, "disk": disk, "dicom": dicom, "workers": workers}
+        checks.update({f"model {name}": model_check(name) for name in sorted({r.model for r in self.config.routes})})
+        return checks

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import zlib
 import sys
 import time
 import urllib.error
@@ -106,7 +107,8 @@ def write_ct_series(folder: Path, n: int = 6, size: int = 128, seed: str = "t",
                     **kwargs: Any) -> list[Path]:
     """A synthetic low-dose CT series as files; returns the paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(abs(hash(seed)) % 2**32)
+    # zlib.crc32, not hash(): str hashes differ per process, phantoms must not.
+    rng = np.random.default_rng(zlib.crc32(seed.encode()))
     vol = ct_phantom.make_volume(rng, n, size=size, pixel_mm=0.7 * 512 / size)
     paths = []
     for i, ds in enumerate(ct_series(vol.low_dose_hu, seed=seed, pixel_mm=vol.pixel_mm,
@@ -223,8 +225,14 @@ def ct_route(**overrides: Any) -> dict:
 class Orthanc:
     """An Orthanc PACS on loopback, storing synchronously, with REST access."""
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+    DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian orthanc-dicomweb
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", *, dicomweb: bool = False,
+                 users: dict[str, str] | None = None) -> None:
+        """``dicomweb``: load the DICOMweb plugin, at ``self.dicomweb_url``.
+        ``users``: {name: password} turns HTTP authentication on (``get`` uses the first)."""
         self.workdir = workdir
+        self.users = dict(users or {})
         workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.dicom_port = free_port()
@@ -237,7 +245,11 @@ class Orthanc:
             "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True, "StorageCompression": False, "Plugins": [],
             "OverwriteInstances": True, "SaveJobs": False, "HttpServerEnabled": True,
+            **({"AuthenticationEnabled": True, "RegisteredUsers": self.users} if users else {}),
+            **({"Plugins": [self.DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+               if dicomweb else {}),
         }))
+        self.dicomweb_url = f"http://127.0.0.1:{self.http_port}/dicom-web"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Orthanc":
@@ -258,8 +270,24 @@ class Orthanc:
             self.proc = None
 
     def get(self, path: str) -> Any:
-        status, body = http_get(f"http://127.0.0.1:{self.http_port}{path}")
+        status, body = self.http(path) if self.users else http_get(f"http://127.0.0.1:{self.http_port}{path}")
         return json.loads(body) if status == 200 else None
+
+    def http(self, path: str, accept: str | None = None) -> tuple[int, bytes]:
+        """GET on the REST API, as the first of ``users`` when there are any."""
+        import base64
+
+        headers = {"Accept": accept} if accept else {}
+        for name, password in list(self.users.items())[:1]:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as rsp:
+                return rsp.status, rsp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except (urllib.error.URLError, ConnectionError, socket.timeout):
+            return 0, b""
 
     def instances(self) -> list[dict]:
         return self.get("/instances?expand") or []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -70,8 +71,10 @@ def test_complete_now_and_jobs(node_factory, tmp_path):
     assert out.returncode == 0, out.stderr
     store = node.store()
     wait_for(lambda: any(j.state == "done" for j in store.jobs()), 60, what="job done")
-    jobs = node.cli("jobs")
-    assert "\tdone\tct\tct_denoise" in jobs.stdout
+    jobs = node.cli("jobs", "--state", "done")
+    header, row = jobs.stdout.splitlines()
+    assert header.split()[:5] == ["ID", "STATE", "ROUTE", "PIPELINE", "MODEL"]
+    assert row.split()[1:5] == ["done", "ct", "ct_denoise", "ct_denoise"]
     assert node.cli("complete", "1.2.3.4").returncode == 1
     # Results went to the folder destination under the data dir.
     wait_for(lambda: len(list((node.data_dir / "out").glob("*.dcm"))) == 4, 30, what="4 results in the folder")
@@ -101,6 +104,15 @@ def test_default_config_serves_and_demo_shows_results(tmp_path):
         assert "[ct_denoise]" in demo.stdout and "sent 4/4 instances" in demo.stdout
         assert "[cardiac_seg]" in demo.stdout and "[cxr_triage]" in demo.stdout
         assert demo.stdout.count("done:") == 3
+        # It ends with what came back, read from the result objects.
+        summary = demo.stdout.split("summary (read from the result objects):\n")[1].splitlines()
+        assert len(summary) == 3, demo.stdout
+        ct, mr, cxr = (line.split(None, 1) for line in summary)
+        assert ct[0] == "CT" and re.fullmatch(r"4 denoised slices \+ SR, noise (\d+)\u2192(\d+) HU", ct[1])
+        before, after = map(int, re.fullmatch(r".*noise (\d+)\u2192(\d+) HU", ct[1]).groups())
+        assert after < before
+        assert mr[0] == "MR" and re.fullmatch(r"LVEF \d+ %, SEG ED/ES", mr[1]), mr
+        assert cxr[0] == "CXR" and re.fullmatch(r"(ABNORMAL|NORMAL) p = [01]\.\d\d", cxr[1]), cxr
         assert len(list((tmp_path / "data" / "results").glob("*.dcm"))) == 5 + 4 + 2
     finally:
         os.killpg(node.pid, signal.SIGTERM)

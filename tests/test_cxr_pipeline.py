@@ -15,7 +15,9 @@ from dicom_node.config import load_config
 from dicom_node.errors import SkipSeries
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
-from dicom_node.pipelines.cxr_triage import letterbox, presentation, unletterbox
+from dicom_node.infer.manifest import Geometry
+from dicom_node.infer.tensors import fit
+from dicom_node.pipelines.cxr_triage import presentation
 from dicom_node.synthetic import cxr_phantom
 from dicom_node.synthetic.dicom_dx import dx_image
 from helpers import dciodvfy_errors
@@ -48,10 +50,10 @@ def test_monochrome1_and_bit_depth_give_the_same_presentation():
 def test_letterbox_keeps_aspect_and_maps_back():
     image = np.zeros((300, 150), np.float32)
     image[100:200, 50:100] = 1
-    boxed, box = letterbox(image, (256, 256))
-    top, left, h, w = box
+    fitted = fit(image[None, None], Geometry(fit="letterbox"), (256, 256))
+    top, left, h, w = fitted.box
     assert (h, w) == (256, 128) and left == 64
-    back = unletterbox(boxed, box, image.shape)
+    back = fitted.back(fitted.batch)[0, 0]
     assert back.shape == image.shape
     assert np.abs(back - image).mean() < 0.02
 

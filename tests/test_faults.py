@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-import re
 import subprocess
 import time
 from collections import Counter, defaultdict
@@ -275,7 +274,7 @@ def test_unsupported_sop_class_is_a_dead_letter_after_one_attempt(node_factory, 
         metrics = node.metrics()
         assert _sample(metrics, "dicom_node_send_attempts_total", {"result": "dead"}) == 1
         assert _sample(metrics, "dicom_node_send_attempts_total", {"result": "retry"}) == 0
-        assert f"result {dead[0].sop_uid} to ctonly is a dead letter" in node.log()
+        assert node.log().count("result objects to ctonly became dead letters") == 1
 
 
 def test_a900_refusal_is_a_dead_letter_after_one_attempt(node_factory, tmp_path):
@@ -313,9 +312,9 @@ def test_missing_destination_backs_off_and_recovers_when_it_appears(node_factory
     assert any(i.next_at > now for i in again), "backoff should put the next attempt in the future"
     # The backoff doubles from outbox.retry_initial_s (0.5 s) to retry_max_s (2 s).
     assert max(i.next_at - now for i in again) <= 2.0
-    delays = [float(m) for m in re.findall(
-        rf"result {again[0].sop_uid} to late failed \(.*?\); retry in ([0-9.]+) s", node.log())]
-    assert len(delays) >= 3 and delays == sorted(delays) and delays[-1] > delays[0], delays
+    # One line when the destination starts failing, not one per object per retry.
+    assert node.log().count("destination late failing: cannot connect") == 1
+    assert "TCP Initialisation Error" not in node.log()  # pynetdicom's own, per attempt
 
     received = tmp_path / "storescp"
     received.mkdir()
@@ -328,6 +327,8 @@ def test_missing_destination_backs_off_and_recovers_when_it_appears(node_factory
         metrics = node.metrics()
         assert _sample(metrics, "dicom_node_send_attempts_total", {"result": "retry"}) >= 3 * (N + 1)
         assert _sample(metrics, "dicom_node_send_attempts_total", {"result": "dead"}) == 0
+        wait_for(lambda: "destination late delivering again after" in node.log(), 10, 0.1,
+                 "the recovery line")
     finally:
         scp.terminate()
         scp.wait(10)

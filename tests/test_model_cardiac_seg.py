@@ -57,9 +57,9 @@ def fresh_predictions(manifest: ModelManifest):
 def _segment(sess, images: np.ndarray, spacing: tuple[float, float],
              manifest: ModelManifest) -> np.ndarray:
     """What the pipeline does with each slice, per the manifest."""
-    target = manifest.pixel_spacing_mm
+    target = manifest.geometry.pixel_spacing_mm
     assert target is not None
-    mult = manifest.size_multiple
+    mult = manifest.geometry.size_multiple
     P, S, H, W = images.shape
     pred = np.empty(images.shape, np.uint8)
     for p in range(P):
@@ -83,7 +83,7 @@ def _segment(sess, images: np.ndarray, spacing: tuple[float, float],
 # ----------------------------------------------------------------------- model
 def test_manifest_describes_cardiac_labels(manifest: ModelManifest) -> None:
     assert manifest.task == "segmentation"
-    assert manifest.input_size is None
+    assert manifest.fixed_size is None
     assert manifest.normalization.kind == "zscore"
     assert manifest.segmentation is not None
     values = {lab.value: lab.type.value for lab in manifest.segmentation.labels}

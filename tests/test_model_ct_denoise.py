@@ -86,7 +86,7 @@ def test_onnx_signature_is_dynamic(session: ort.InferenceSession, manifest: Mode
     assert (inp.name, out.name) == ("input", "output")
     assert inp.shape[1] == 1 and not all(isinstance(d, int) for d in inp.shape)
     # Batch of two non-square images whose sides are multiples of size_multiple.
-    m = manifest.size_multiple
+    m = manifest.geometry.size_multiple
     x = np.zeros((2, 1, 24 * m, 16 * m), np.float32)
     assert session.run(None, {"input": x})[0].shape == x.shape
 

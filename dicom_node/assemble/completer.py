@@ -10,15 +10,19 @@ job for the updated series.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import Config, Route
+from dicom_node.observability.logs import RepeatLog, escape
 from dicom_node.observability.metrics import Metrics
+from dicom_node.receive.header import read_header_dataset
 from dicom_node.route.router import RouteFacts, decide
 from dicom_node.store.db import SeriesRecord, Store
 
@@ -29,9 +33,15 @@ log = logging.getLogger("dicom_node.assemble")
 # Unrouted series still wait for quiet before we say so, to log once, not per instance.
 _UNROUTED_QUIET_S = 10.0
 
+# What reading a spooled header raises when the file is truncated, corrupt or
+# gone: the series cannot be routed, and the reason says so.  Anything else
+# is a bug, and must not pass for a routing decision.
+_UNREADABLE = (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError,
+               struct.error)
+
 
 def read_header(path: Path) -> Dataset:
-    return dcmread(path, stop_before_pixels=True)
+    return read_header_dataset(path)
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class Completer:
         # it depends on changes, instead of re-reading every pass.
         self._decisions: dict[str, tuple[tuple, Route | None, str]] = {}
         self._uses_count = any(m.keyword == "InstanceCount" for r in config.routes for m in r.match)
+        self._failures = RepeatLog(log, logging.ERROR)
 
     def run_once(self, now: float | None = None) -> list[int]:
         """One pass over the receiving series; returns the ids of queued jobs."""
@@ -58,7 +69,16 @@ class Completer:
         receiving = self.store.receiving_series()
         live = {s.series_uid for s in receiving}
         self._decisions = {k: v for k, v in self._decisions.items() if k in live}
-        pending = [self._route(s) for s in receiving]
+        pending = []
+        for s in receiving:
+            try:
+                pending.append(self._route(s))
+            except Exception as exc:  # noqa: BLE001 - a bug on one series must not stop the rest
+                # Not an "unrouted" decision: the series stays receiving and
+                # is tried again next pass; the bug is logged once, then counted.
+                self._failures.report(f"routing series {s.series_uid} failed, retrying: "
+                                      f"{type(exc).__name__}: {exc}",
+                                      key=f"{s.series_uid} {type(exc).__name__}", exc_info=True)
         jobs: list[int] = []
         by_study: dict[tuple[str, str], list[_Pending]] = defaultdict(list)
         for p in pending:
@@ -88,8 +108,8 @@ class Completer:
             return None, "series has no instances"
         try:
             header = read_header(self.spool_root / first.path)
-        except Exception as exc:  # noqa: BLE001 - a broken file must not stop completion
-            return None, f"cannot read instance {first.sop_uid}: {exc}"
+        except _UNREADABLE as exc:
+            return None, f"cannot read instance {first.sop_uid}: {type(exc).__name__}: {escape(exc)}"
         facts = RouteFacts(header, calling_ae=series.calling_ae, called_ae=series.called_ae,
                            instance_count=series.instance_count)
         decision = decide(list(self.config.routes), facts)
@@ -115,8 +135,13 @@ class Completer:
             self.store.complete_series(series, route=None, pipeline=None, model=None,
                                        group_key=group_key, now=now)
             self.metrics.series_unrouted.inc()
-            log.info("series %s complete (%d instances), unrouted: %s",
-                     series[0].series_uid, series[0].instance_count, group[0].reason)
+            first = series[0]
+            log.info("series %s complete (%d instances from %s), unrouted: %s", first.series_uid,
+                     first.instance_count, escape(first.calling_ae), group[0].reason,
+                     extra={"series_uid": first.series_uid, "study_uid": first.study_uid,
+                            "calling_ae": escape(first.calling_ae),
+                            "instances": first.instance_count, "route": None,
+                            "unrouted_reason": group[0].reason})
             return []
         for s in series:
             self.store.set_route(s.series_uid, route.name, None)
@@ -125,7 +150,13 @@ class Completer:
         if job_id is None:
             return []  # an instance arrived meanwhile; its quiet period starts again
         self.metrics.series_completed.labels(route=route.name).inc(len(series))
-        log.info("%s %s complete (%d series, %d instances): job %d on route %s",
-                 route.group_by, group_key, len(series), sum(s.instance_count for s in series),
-                 job_id, route.name)
+        instances = sum(s.instance_count for s in series)
+        what = "" if len(series) == 1 else f"{len(series)} series, "
+        callers = ",".join(sorted({escape(s.calling_ae) for s in series}))
+        log.info("%s %s complete (%s%d instances from %s): route %s, job %d", route.group_by,
+                 group_key, what, instances, callers, route.name, job_id,
+                 extra={"series_uid": [s.series_uid for s in series] if len(series) > 1
+                        else series[0].series_uid, "study_uid": series[0].study_uid,
+                        "calling_ae": callers, "instances": instances, "route": route.name,
+                        "job_id": job_id})
         return [job_id]

@@ -12,7 +12,9 @@ import copy
 import datetime as dt
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
@@ -36,6 +38,7 @@ _DROP = ["PixelData", "FloatPixelData", "DoubleFloatPixelData", "LargestImagePix
          "PerformedProcedureStepID", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
          "PerformedProcedureStepDescription", "IrradiationEventUID", "DigitalSignaturesSequence",
          "MACParametersSequence", "EncryptedAttributesSequence", "OriginalAttributesSequence"]
+_DROP_TAGS = frozenset(tag_for_keyword(k) for k in _DROP)
 
 
 def stored_values(values: np.ndarray, source: Dataset,
@@ -57,11 +60,11 @@ def derived_image(source: Dataset, values: np.ndarray, prov: Provenance, *, inde
                   derivation: str) -> Dataset:
     """One derived single-frame instance from one single-frame source."""
     ds = Dataset()
-    for elem in source:
-        if elem.tag.is_private or elem.keyword in _DROP or elem.tag.group == 0x0002:
+    for elem in source.elements():  # not yet decoded elements stay raw
+        tag = elem.tag
+        if tag.is_private or tag in _DROP_TAGS or tag.group == 0x0002:
             continue
-        # A copy: setting a value on a shared element would rewrite the source.
-        ds.add(copy.deepcopy(elem))
+        ds[tag] = _element_copy(elem)
     if int(source.BitsAllocated) != 16:
         raise ValueError(f"instance {source.SOPInstanceUID}: derived images need 16 bits allocated, "
                          f"source has {source.BitsAllocated}")
@@ -73,6 +76,22 @@ def derived_image(source: Dataset, values: np.ndarray, prov: Provenance, *, inde
     ds.InstanceCreationTime = ds.ContentTime
     ds.PhotometricInterpretation = source.PhotometricInterpretation
     return set_pixels(ds, stored_values(values, source))
+
+
+def _element_copy(elem: DataElement | RawDataElement) -> DataElement | RawDataElement:
+    """A copy of ``elem`` that can be changed without changing the source.
+
+    A raw (not yet decoded) element is immutable and shared: the derived
+    dataset decodes its own element from it when asked.  A decoded element
+    with an immutable value is copied shallowly; sequences and multi-valued
+    elements deeply.  (Copying every element deeply cost about as much as
+    encoding the slice.)"""
+    if isinstance(elem, RawDataElement):
+        return elem
+    value = elem.value
+    if value is None or isinstance(value, (str, bytes, int, float)):
+        return copy.copy(elem)
+    return copy.deepcopy(elem)
 
 
 def _mark_derived(ds: Dataset, prov: Provenance, reference: Dataset, *, series_uid: str,

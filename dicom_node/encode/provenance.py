@@ -123,3 +123,12 @@ class Provenance:
     @property
     def description(self) -> str:
         return f"{self.manifest.name} {self.manifest.version}"
+
+    def series_number(self, source: Dataset, offset: int) -> int:
+        """The result series' number: the source's plus a per-pipeline, per-role
+        offset, so results sort beside their source and reruns keep the number."""
+        try:
+            base = int(source.get("SeriesNumber") or 0)
+        except (TypeError, ValueError):
+            base = 0
+        return base + offset

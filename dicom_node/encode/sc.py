@@ -8,6 +8,7 @@ import highdicom as hd
 from pydicom import Dataset
 
 from dicom_node.encode.provenance import MANUFACTURER, Provenance, highdicom_source
+from dicom_node.encode import hd_cache  # noqa: F401 - memoised IOD look-ups
 
 __all__ = ["secondary_capture", "patient_orientation"]
 

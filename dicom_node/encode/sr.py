@@ -14,6 +14,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.encode.provenance import DEVICE_NAME, MANUFACTURER, Provenance, highdicom_source
+from dicom_node.encode import hd_cache  # noqa: F401 - memoised IOD look-ups
 
 __all__ = ["observation_context", "measurement_report_sr", "PRIVATE_SCHEME", "private_code"]
 

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from dicom_node.errors import ModelLoadError
+from dicom_node.errors import ContractError, DicomNodeError, InferenceUnavailable, ModelLoadError
 from dicom_node.infer.manifest import ModelManifest, TensorSpec, load_manifest
+from dicom_node.infer.verify import Verified, verify_model
+
+if TYPE_CHECKING:
+    from dicom_node.config import InferenceSettings
+    from dicom_node.infer.runner import InferenceModel
 
 __all__ = ["OnnxModel", "ModelRegistry", "sha256_of", "choose_providers", "verified_onnx"]
 
 log = logging.getLogger("dicom_node.infer")
 
-_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)",
-              "int64": "tensor(int64)", "uint8": "tensor(uint8)"}
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "float64": "tensor(double)",
+              "int64": "tensor(int64)", "int32": "tensor(int32)", "int16": "tensor(int16)",
+              "int8": "tensor(int8)", "uint8": "tensor(uint8)"}
 
 
 def sha256_of(path: Path) -> str:
@@ -81,11 +87,16 @@ class OnnxModel:
     path: Path
     session: ort.InferenceSession
     provider: str
-    _input_names: list[str] = field(default_factory=list)
+    backend = "onnxruntime"
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or [o.name for o in self.manifest.outputs]
-        values = self.session.run(names, inputs)
+        try:
+            values = self.session.run(names, inputs)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            shapes = {k: (list(v.shape), str(v.dtype)) for k, v in inputs.items()}
+            raise ContractError(f"model {self.manifest.name}: onnxruntime refused the input "
+                                f"{shapes}: {str(exc).splitlines()[0][:300]}") from exc
         return dict(zip(names, values))
 
     @property
@@ -139,15 +150,34 @@ def _check_signature(path: Path, declared: list[TensorSpec], actual: list, kind:
 
 
 class ModelRegistry:
-    """Manifests found in the models folder; sessions created on first use."""
+    """Manifests found in the models folder; sessions created on first use.
+
+    Each model runs where ``inference`` says (``inference.backend`` and
+    ``inference.models``): in this process on ONNX Runtime, or on a KServe v2
+    server (dicom_node/infer/kserve.py).  A model is handed out only after
+    its contract check passed (see dicom_node/infer/verify.py), whatever the
+    backend; the verdict is kept for ``/readyz``.  A remote server that
+    cannot answer is no verdict: the next call tries again."""
 
     def __init__(self, models_dir: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 device_id: int = 0, intra_op_threads: int = 0) -> None:
+                 device_id: int = 0, intra_op_threads: int = 0, batch_size: int = 2,
+                 inference: "InferenceSettings | None" = None) -> None:
         self.models_dir = models_dir
         self.providers = list(providers)
         self.device_id = device_id
         self.intra_op_threads = intra_op_threads
-        self._loaded: dict[str, OnnxModel] = {}
+        self.batch_size = batch_size
+        self.inference = inference
+        self._loaded: dict[str, InferenceModel] = {}
+        self.verdicts: dict[str, Verified] = {}
+
+    @classmethod
+    def from_settings(cls, models_dir: Path, inf: "InferenceSettings") -> "ModelRegistry":
+        return cls(models_dir, inf.providers, inf.device_id, inf.intra_op_threads, inf.batch_size,
+                   inference=inf)
+
+    def backend_of(self, name: str) -> str:
+        return self.inference.backend_of(name) if self.inference else "onnxruntime"
 
     def names(self) -> list[str]:
         return sorted(p.stem for p in self.models_dir.glob("*.yaml"))
@@ -160,13 +190,52 @@ class ModelRegistry:
         path = self._manifest_path(name)
         return verified_onnx(path, load_manifest(path))
 
-    def get(self, name: str) -> OnnxModel:
+    def check(self, name: str, live: bool = False) -> Verified:
+        """Load the model and run its contract check; never raises.  With
+        ``live``, a loaded remote model is asked again whether it is ready
+        (for ``/readyz``)."""
+        try:
+            model = self.get(name)
+        except InferenceUnavailable as exc:
+            self.verdicts[name] = Verified(False, str(exc), transient=True)
+            return self.verdicts[name]
+        except DicomNodeError as exc:
+            known = self.verdicts.get(name)
+            if known is None or known.transient:
+                self.verdicts[name] = Verified(False, str(exc))
+            return self.verdicts[name]
+        if live and hasattr(model, "probe"):
+            problem = model.probe()
+            if problem is not None:
+                return Verified(False, problem, transient=True)
+        return self.verdicts.get(name) or Verified(True, f"loaded on {model.provider}")
+
+    def get(self, name: str) -> "InferenceModel":
         model = self._loaded.get(name)
-        if model is None:
+        if model is not None:
+            return model
+        target = self.inference.target(name) if self.inference else None
+        if target is not None:
+            from dicom_node.infer.kserve import KServeModel
+
+            model = KServeModel.load(self._manifest_path(name), target)
+        else:
             model = OnnxModel.load(self._manifest_path(name), self.providers, self.device_id,
                                    self.intra_op_threads)
-            self._loaded[name] = model
+        verdict = verify_model(model, min(2, self.batch_size))
+        self.verdicts[name] = verdict
+        if not verdict.ok:
+            raise ModelLoadError(f"{model.path}: contract check failed: {verdict.detail}")
+        self._loaded[name] = model
         return model
+
+    def forget(self, name: str) -> None:
+        """Drop a loaded model, so the next ``get`` loads and checks it again
+        (after a remote server went away: it may come back with another model)."""
+        model = self._loaded.pop(name, None)
+        close = getattr(model, "close", None)
+        if close is not None:
+            close()
 
     def _manifest_path(self, name: str) -> Path:
         path = self.models_dir / f"{name}.yaml"

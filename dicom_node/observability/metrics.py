@@ -82,6 +82,12 @@ class Metrics:
         self.jobs_finished = Counter(
             "dicom_node_jobs_finished", "Jobs ended, by pipeline and final state",
             ["pipeline", "state"], registry=registry)
+        self.jobs_held = Counter(
+            "dicom_node_jobs_held", "Jobs whose result was implausible and held from sending",
+            ["pipeline"], registry=registry)
+        self.jobs_deferred = Counter(
+            "dicom_node_jobs_deferred", "Jobs queued again after a full disk or an unavailable inference server (not an attempt)",
+            ["pipeline"], registry=registry)
         self.stage_seconds = Histogram(
             "dicom_node_stage_seconds", "Time per pipeline stage",
             ["pipeline", "stage"], buckets=_STAGE_BUCKETS, registry=registry)
@@ -94,8 +100,9 @@ class Metrics:
             ["pipeline", "destination"], buckets=_STAGE_BUCKETS, registry=registry)
         self.inference_seconds = Histogram(
             "dicom_node_inference_seconds",
-            "Time a job spent in model inference, by model and execution provider",
-            ["model", "provider"], buckets=_STAGE_BUCKETS, registry=registry)
+            "Time a job spent in model inference, by model, execution provider and backend "
+            "(onnxruntime in process, or kserve)",
+            ["model", "provider", "backend"], buckets=_STAGE_BUCKETS, registry=registry)
         # 1 per model a live worker has loaded.  livemax: a worker that dies
         # takes its models with it (service._forget_process), and two workers
         # with the same model show as one series rather than a sum of 2.

@@ -8,14 +8,22 @@ under its name.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
 
 from pydicom import Dataset
 
-from dicom_node.infer.engine import OnnxModel
+from dicom_node.infer.manifest import ModelManifest
+from dicom_node.infer.runner import InferenceModel
 
-__all__ = ["PipelineInput", "PipelineResult", "Pipeline", "register", "get_pipeline", "pipeline_names"]
+__all__ = ["PipelineInput", "PipelineResult", "Pipeline", "StageTimer", "register", "get_pipeline",
+           "pipeline_names", "plausible_ranges", "unknown_plausible_keys", "implausible",
+           "require_task", "check_pair"]
 
 
 @dataclass(frozen=True)
@@ -36,12 +44,72 @@ class PipelineResult:
     summary: dict[str, Any] = field(default_factory=dict)
     # A result class (e.g. "abnormal") that a route may send elsewhere.
     outcome: str | None = None
+    # Why the result is implausible, one reason per measure naming the value
+    # and the range, e.g. "LVEDV 2116.0 ml outside plausible 10-500 ml".  Non-
+    # empty: the worker writes every dataset but holds them from sending
+    # until an operator releases or discards the job.  No patient data.
+    held: tuple[str, ...] = ()
 
 
 class Pipeline(Protocol):
     name: ClassVar[str]
+    # Plausible range of each measure the pipeline reports; a manifest's
+    # ``plausible`` overrides them by name and may name no other measure.
+    plausible: ClassVar[dict[str, tuple[float, float]]]
 
-    def run(self, job: PipelineInput, model: OnnxModel) -> PipelineResult: ...
+    def run(self, job: PipelineInput, model: InferenceModel) -> PipelineResult: ...
+
+    def check_model(self, manifest: ModelManifest) -> list[str]:
+        """What makes this model unusable for this pipeline (empty: usable)."""
+        ...
+
+
+class StageTimer:
+    """Seconds per stage, summed over repeated stages (one per image, say)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def plausible_ranges(pipeline: Pipeline, manifest: ModelManifest) -> dict[str, tuple[float, float]]:
+    """The pipeline's ranges with the manifest's overrides."""
+    return {**pipeline.plausible, **manifest.plausible}
+
+
+def unknown_plausible_keys(pipeline: Pipeline, manifest: ModelManifest) -> list[str]:
+    unknown = sorted(set(manifest.plausible) - set(pipeline.plausible))
+    if not unknown:
+        return []
+    return [f"{manifest.name}.yaml plausible: {', '.join(unknown)} not reported by pipeline "
+            f"{pipeline.name} (it reports {', '.join(sorted(pipeline.plausible))})"]
+
+
+def implausible(values: dict[str, float | None], ranges: dict[str, tuple[float, float]],
+                units: dict[str, str] | None = None) -> tuple[str, ...]:
+    """One reason per measure outside its range; measures not reported are skipped."""
+    out = []
+    for name, value in values.items():
+        if value is None or name not in ranges:
+            continue
+        low, high = ranges[name]
+        if not (low <= value <= high) or value != value:
+            unit = (units or {}).get(name, "")
+            out.append(f"{name} {value:.4g}{unit} outside plausible {low:g}-{high:g}{unit}")
+    return tuple(out)
+
+
+def require_task(manifest: ModelManifest, task: str, pipeline: str) -> list[str]:
+    if manifest.task != task:
+        return [f"model {manifest.name} is a {manifest.task} model; {pipeline} needs {task}"]
+    return []
 
 
 _REGISTRY: dict[str, Callable[[], Pipeline]] = {}
@@ -52,26 +120,53 @@ def register(cls: type) -> type:
     name = getattr(cls, "name", None)
     if not name:
         raise TypeError(f"pipeline class {cls.__name__} needs a 'name' class attribute")
-    if name in _REGISTRY:
+    known = _REGISTRY.get(name)
+    if known is not None and known is not cls:
         raise ValueError(f"pipeline {name!r} registered twice")
     _REGISTRY[name] = cls
     return cls
 
 
+def _table() -> dict[str, str]:
+    """Every pipeline a route may name: built-in ones and entry points."""
+    from dicom_node.pipelines import BUILTIN, ENTRY_POINT_GROUP
+
+    table = dict(BUILTIN)
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in table:
+            raise ValueError(f"pipeline entry point {entry.name!r} ({entry.value}) shadows a built-in one")
+        table[entry.name] = entry.value
+    return table
+
+
+def _load(name: str) -> Callable[[], Pipeline] | None:
+    cls = _REGISTRY.get(name)
+    if cls is not None:
+        return cls
+    target = _table().get(name)
+    if target is None:
+        return None
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    return register(cls)
+
+
 def get_pipeline(name: str) -> Pipeline:
-    _load_builtin()
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise KeyError(f"unknown pipeline {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+    cls = _load(name)
+    if cls is None:
+        raise KeyError(f"unknown pipeline {name!r} (known: {', '.join(pipeline_names())})")
+    return cls()
 
 
 def pipeline_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return sorted(set(_table()) | set(_REGISTRY))
 
 
-def _load_builtin() -> None:
-    # Importing registers them; done lazily so a pipeline's heavy imports
-    # do not slow down the receiver.
-    from dicom_node.pipelines import cardiac_seg, ct_denoise, cxr_triage  # noqa: F401
+def check_pair(pipeline_name: str, manifest: ModelManifest) -> list[str]:
+    """Can this pipeline use this model?  Used at config load, by
+    ``models verify`` and by the worker before it runs a job."""
+    try:
+        pipeline = get_pipeline(pipeline_name)
+    except KeyError as exc:
+        return [str(exc.args[0])]
+    return pipeline.check_model(manifest) + unknown_plausible_keys(pipeline, manifest)

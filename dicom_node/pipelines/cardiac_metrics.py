@@ -1,7 +1,9 @@
 """Cardiac function indices from short-axis cine label maps.
 
-Label convention (the cardiac segmentation model's manifest):
+Which label value is which structure comes from the model's manifest, by
+SNOMED CT code (``Roles``); the default is the phantoms' convention
 1 = LV cavity (blood pool), 2 = LV myocardium, 3 = RV cavity, 0 = everything else.
+A structure the model does not segment yields no measurement, never a zero.
 
 Volumes are summed slice by slice (Simpson's disc method as used clinically):
 voxel count x pixel area x slice-centre spacing.  The slice-centre spacing, not
@@ -28,6 +30,7 @@ __all__ = [
     "RV_CAVITY",
     "CardiacMetrics",
     "PhaseVolumes",
+    "Roles",
     "cardiac_metrics",
     "dice",
     "hausdorff95",
@@ -43,12 +46,26 @@ MYOCARDIAL_DENSITY_G_PER_ML = 1.05
 
 
 @dataclass(frozen=True)
+class Roles:
+    """The label value of each structure measured; None: not segmented."""
+
+    lv_cavity: int = LV_CAVITY
+    lv_myocardium: int | None = LV_MYOCARDIUM
+    rv_cavity: int | None = RV_CAVITY
+
+    def missing(self) -> list[str]:
+        return [name for name, value in (("LV myocardium", self.lv_myocardium),
+                                          ("RV cavity", self.rv_cavity)) if value is None]
+
+
+@dataclass(frozen=True)
 class PhaseVolumes:
-    """Per-phase volumes in ml, each an array of shape (phases,)."""
+    """Per-phase volumes in ml, each an array of shape (phases,), or None for
+    a structure the model does not segment."""
 
     lv_cavity_ml: np.ndarray
-    lv_myocardium_ml: np.ndarray
-    rv_cavity_ml: np.ndarray
+    lv_myocardium_ml: np.ndarray | None
+    rv_cavity_ml: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -61,10 +78,10 @@ class CardiacMetrics:
     lvesv_ml: float
     lvsv_ml: float
     lvef_pct: float
-    lv_mass_g: float
-    rvedv_ml: float
-    rvesv_ml: float
-    rvsv_ml: float
+    lv_mass_g: float | None
+    rvedv_ml: float | None
+    rvesv_ml: float | None
+    rvsv_ml: float | None
     rvef_pct: float | None
     bsa_m2: float | None = None
     lvedv_index_ml_m2: float | None = None
@@ -97,17 +114,22 @@ def _check_spacing(pixel_spacing_mm: tuple[float, float], slice_spacing_mm: floa
 
 
 def phase_volumes(labels: np.ndarray, pixel_spacing_mm: tuple[float, float],
-                  slice_spacing_mm: float) -> PhaseVolumes:
+                  slice_spacing_mm: float, roles: Roles = Roles()) -> PhaseVolumes:
     """Volumes per phase: voxel count x pixel area x slice-centre spacing."""
     labels = _check_labels(labels)
     voxel_ml = _check_spacing(pixel_spacing_mm, slice_spacing_mm)
     flat = labels.reshape(labels.shape[0], -1)
-    # One bincount per phase is far cheaper than three boolean passes.
-    counts = np.stack([np.bincount(p.ravel(), minlength=4)[:4] for p in flat.astype(np.int64)])
+    top = 1 + max(v for v in (roles.lv_cavity, roles.lv_myocardium, roles.rv_cavity) if v is not None)
+    # One bincount per phase is far cheaper than a boolean pass per structure.
+    counts = np.stack([np.bincount(p.ravel(), minlength=top) for p in flat.astype(np.int64)])
+
+    def volume(value: int | None) -> np.ndarray | None:
+        return None if value is None else counts[:, value] * voxel_ml
+
     return PhaseVolumes(
-        lv_cavity_ml=counts[:, LV_CAVITY] * voxel_ml,
-        lv_myocardium_ml=counts[:, LV_MYOCARDIUM] * voxel_ml,
-        rv_cavity_ml=counts[:, RV_CAVITY] * voxel_ml,
+        lv_cavity_ml=counts[:, roles.lv_cavity] * voxel_ml,
+        lv_myocardium_ml=volume(roles.lv_myocardium),
+        rv_cavity_ml=volume(roles.rv_cavity),
     )
 
 
@@ -124,14 +146,14 @@ def mosteller_bsa(height_m: float, weight_kg: float) -> float:
 
 def cardiac_metrics(labels: np.ndarray, pixel_spacing_mm: tuple[float, float],
                     slice_spacing_mm: float, height_m: float | None = None,
-                    weight_kg: float | None = None) -> CardiacMetrics:
+                    weight_kg: float | None = None, roles: Roles = Roles()) -> CardiacMetrics:
     """LV/RV volumes, stroke volumes, ejection fractions and LV mass.
 
     ``labels`` is (phases, slices, rows, cols).  LV mass is the myocardial
     volume at ED x 1.05 g/ml.  RVEF is None when no RV is segmented at ED
     (a model that finds the LV but no RV should not report RVEF 0 %).
     """
-    vols = phase_volumes(labels, pixel_spacing_mm, slice_spacing_mm)
+    vols = phase_volumes(labels, pixel_spacing_mm, slice_spacing_mm, roles)
     lv = vols.lv_cavity_ml
     if not np.any(lv > 0):
         raise PipelineError("no LV cavity found in any phase")
@@ -140,26 +162,33 @@ def cardiac_metrics(labels: np.ndarray, pixel_spacing_mm: tuple[float, float],
     if lv[es] >= lv[ed]:
         raise PipelineError("LV cavity volume does not change over the cycle; cannot pick ED/ES")
     lvedv, lvesv = float(lv[ed]), float(lv[es])
-    rvedv, rvesv = float(vols.rv_cavity_ml[ed]), float(vols.rv_cavity_ml[es])
-    mass = float(vols.lv_myocardium_ml[ed]) * MYOCARDIAL_DENSITY_G_PER_ML
-    rvef = 100.0 * (rvedv - rvesv) / rvedv if rvedv > 0 else None
+    rv = vols.rv_cavity_ml
+    rvedv, rvesv = (float(rv[ed]), float(rv[es])) if rv is not None else (None, None)
+    myo = vols.lv_myocardium_ml
+    mass = float(myo[ed]) * MYOCARDIAL_DENSITY_G_PER_ML if myo is not None else None
+    rvef = 100.0 * (rvedv - rvesv) / rvedv if rvedv and rvesv is not None else None
     base = {
         "ed_phase": ed, "es_phase": es,
         "lvedv_ml": lvedv, "lvesv_ml": lvesv, "lvsv_ml": lvedv - lvesv,
         "lvef_pct": 100.0 * (lvedv - lvesv) / lvedv, "lv_mass_g": mass,
-        "rvedv_ml": rvedv, "rvesv_ml": rvesv, "rvsv_ml": rvedv - rvesv, "rvef_pct": rvef,
+        "rvedv_ml": rvedv, "rvesv_ml": rvesv,
+        "rvsv_ml": rvedv - rvesv if rvedv is not None and rvesv is not None else None, "rvef_pct": rvef,
     }
     if height_m is None and weight_kg is None:
         return CardiacMetrics(**base)
     if height_m is None or weight_kg is None:
         raise PipelineError("BSA indexing needs both height and weight")
     bsa = mosteller_bsa(height_m, weight_kg)
+
+    def per_m2(value: float | None) -> float | None:
+        return None if value is None else value / bsa
+
     return CardiacMetrics(
         **base, bsa_m2=bsa,
         lvedv_index_ml_m2=lvedv / bsa, lvesv_index_ml_m2=lvesv / bsa,
-        lvsv_index_ml_m2=(lvedv - lvesv) / bsa, lv_mass_index_g_m2=mass / bsa,
-        rvedv_index_ml_m2=rvedv / bsa, rvesv_index_ml_m2=rvesv / bsa,
-        rvsv_index_ml_m2=(rvedv - rvesv) / bsa,
+        lvsv_index_ml_m2=(lvedv - lvesv) / bsa, lv_mass_index_g_m2=per_m2(mass),
+        rvedv_index_ml_m2=per_m2(rvedv), rvesv_index_ml_m2=per_m2(rvesv),
+        rvsv_index_ml_m2=per_m2(base["rvsv_ml"]),
     )
 
 

@@ -10,7 +10,6 @@ between slice centres along the normal (from ImagePositionPatient).
 from __future__ import annotations
 
 import logging
-import time
 from typing import ClassVar
 
 import cv2
@@ -23,10 +22,12 @@ from dicom_node.encode.provenance import MANUFACTURER, Provenance, highdicom_sou
 from dicom_node.encode.sc import patient_orientation, secondary_capture
 from dicom_node.encode.sr import measurement_report_sr
 from dicom_node.errors import PipelineError
-from dicom_node.infer.engine import OnnxModel
-from dicom_node.infer.tensors import run_segmentation
-from dicom_node.pipelines.base import PipelineInput, PipelineResult, register
-from dicom_node.pipelines.cardiac_metrics import CardiacMetrics, cardiac_metrics
+from dicom_node.encode.sr import private_code
+from dicom_node.infer.manifest import ModelManifest
+from dicom_node.infer.runner import InferenceModel, segment
+from dicom_node.pipelines.base import (PipelineInput, PipelineResult, StageTimer, implausible,
+                                       plausible_ranges, register, require_task)
+from dicom_node.pipelines.cardiac_metrics import CardiacMetrics, Roles, cardiac_metrics
 from dicom_node.pipelines.cine import Cine, load_cine
 
 __all__ = ["CardiacSeg"]
@@ -52,44 +53,90 @@ _RVEF = hd.sr.CodedConcept("8818-7", "LN", "Right ventricular ejection fraction 
 _SV = hd.sr.CodedConcept("90096001", "SCT", "Stroke Volume")
 _LV_MASS = hd.sr.CodedConcept("18087-7", "LN", "Left Ventricle Mass")
 _BSA = hd.sr.CodedConcept("301898006", "SCT", "Body surface area")
-_COLOURS = {1: (255, 64, 64), 2: (64, 220, 64), 3: (64, 128, 255)}  # RGB per label
+
+
+# Structures the pipeline measures, found by their SNOMED CT type codes
+# (CID 7152 Cardiac Structure Segmentation Types, and the LV myocardium),
+# never by label number.
+_ROLE_CODES = {
+    "lv_cavity": {("SCT", "87878005"), ("SRT", "T-32600")},
+    "lv_myocardium": {("SCT", "49848007")},
+    "rv_cavity": {("SCT", "53085002"), ("SRT", "T-32500")},
+}
+# Display colours follow anatomy; structures beyond the three are yellow.
+_ROLE_COLOURS = {"lv_cavity": (255, 64, 64), "lv_myocardium": (64, 220, 64), "rv_cavity": (64, 128, 255)}
+_OTHER_COLOUR = (255, 255, 0)
+
+
+def resolve_roles(manifest: ModelManifest) -> tuple[Roles | None, list[str]]:
+    """The label value of each measured structure, by code; problems if the
+    codes are ambiguous or the LV cavity (which picks ED and ES) is missing."""
+    assert manifest.segmentation is not None
+    found: dict[str, list[int]] = {role: [] for role in _ROLE_CODES}
+    for label in manifest.segmentation.labels:
+        for role, codes_ in _ROLE_CODES.items():
+            if (label.type.scheme, label.type.value) in codes_:
+                found[role].append(label.value)
+    problems = [f"segmentation.labels: {role.replace('_', ' ')} coded by labels {values}; one expected"
+                for role, values in found.items() if len(values) > 1]
+    if not found["lv_cavity"]:
+        problems.append("segmentation.labels: no LV cavity (SCT 87878005 Left ventricle), which "
+                        "cardiac_seg needs to find ED and ES")
+    if problems:
+        return None, problems
+    first = {role: (values[0] if values else None) for role, values in found.items()}
+    return Roles(lv_cavity=int(first["lv_cavity"]), lv_myocardium=first["lv_myocardium"],
+                 rv_cavity=first["rv_cavity"]), []
 
 
 @register
 class CardiacSeg:
     name: ClassVar[str] = "cardiac_seg"
+    plausible: ClassVar[dict[str, tuple[float, float]]] = {
+        "lvedv_ml": (10.0, 500.0), "lvesv_ml": (2.0, 400.0),
+        "rvedv_ml": (10.0, 500.0), "rvesv_ml": (2.0, 400.0),
+        "lvef_pct": (0.0, 100.0), "rvef_pct": (0.0, 100.0),
+        "lv_mass_g": (20.0, 400.0),
+    }
 
-    def run(self, job: PipelineInput, model: OnnxModel) -> PipelineResult:
+    def check_model(self, manifest: ModelManifest) -> list[str]:
+        problems = require_task(manifest, "segmentation", self.name)
+        return problems or resolve_roles(manifest)[1]
+
+    def run(self, job: PipelineInput, model: InferenceModel) -> PipelineResult:
         manifest = model.manifest
-        if manifest.task != "segmentation" or manifest.segmentation is None:
-            raise PipelineError(f"job {job.job_id}: model {manifest.name} is not a segmentation model")
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        cine = load_cine(job.datasets, f"job {job.job_id}")
-        timings["decode"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        flat = cine.images.reshape(-1, *cine.images.shape[2:])
-        labels = run_segmentation(flat, cine.pixel_spacing, manifest,
-                                  lambda x: model.run({model.input_name: x})[manifest.outputs[0].name],
-                                  int(job.options.get("batch_size", 8)))
-        labels = labels.reshape(cine.images.shape).astype(np.uint8)
-        timings["inference"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        first = cine.frames[0][0].dataset
-        height, weight = _size(first)
-        metrics = cardiac_metrics(labels, cine.pixel_spacing, cine.slice_spacing, height, weight)
-        source_key = ",".join(sorted({str(d.SeriesInstanceUID) for d in job.datasets}))
-        prov = Provenance(manifest, self.name, source_key, model.provider)
-        segs = [_segmentation(cine, labels, phase, name, i + 1, prov)
-                for i, (phase, name) in enumerate(((metrics.ed_phase, "ED"), (metrics.es_phase, "ES")))]
-        report = _report(cine, metrics, segs, prov)
-        capture = _capture(cine, labels, metrics, prov)
-        timings["encode"] = time.perf_counter() - t0
+        problems = self.check_model(manifest)
+        if problems:
+            raise PipelineError(f"job {job.job_id}: model {manifest.name}: " + "; ".join(problems))
+        roles, _ = resolve_roles(manifest)
+        assert roles is not None
+        timer = StageTimer()
+        with timer.stage("decode"):
+            cine = load_cine(job.datasets, f"job {job.job_id}")
+        with timer.stage("inference"):
+            flat = cine.images.reshape(-1, *cine.images.shape[2:])
+            labels = segment(flat, cine.pixel_spacing, model, int(job.options.get("batch_size", 8)))
+            labels = labels.reshape(cine.images.shape).astype(np.uint8)
+        with timer.stage("encode"):
+            first = cine.frames[0][0].dataset
+            height, weight = _size(first)
+            metrics = cardiac_metrics(labels, cine.pixel_spacing, cine.slice_spacing, height, weight,
+                                      roles)
+            source_key = ",".join(sorted({str(d.SeriesInstanceUID) for d in job.datasets}))
+            prov = Provenance(manifest, self.name, source_key, model.provider)
+            segs = [_segmentation(cine, labels, phase, name, i + 1, prov)
+                    for i, (phase, name) in enumerate(((metrics.ed_phase, "ED"), (metrics.es_phase, "ES")))]
+            report = _report(cine, metrics, segs, prov, roles)
+            capture = _capture(cine, labels, metrics, prov)
+        values = {key: getattr(metrics, key) for key in self.plausible}
+        held = implausible(values, plausible_ranges(self, manifest),
+                           {k: (" %" if k.endswith("pct") else " g" if k.endswith("_g") else " ml")
+                            for k in values})
         summary = {"phases": cine.n_phases, "slices": cine.n_slices, "ed": metrics.ed_phase,
                    "es": metrics.es_phase, "lvef_pct": round(metrics.lvef_pct, 1)}
-        return PipelineResult([*segs, report, capture], timings, summary)
+        if roles.missing():
+            summary["not_measured"] = ", ".join(roles.missing())
+        return PipelineResult([*segs, report, capture], timer.timings, summary, held=held)
 
 
 def _size(ds: Dataset) -> tuple[float | None, float | None]:
@@ -101,13 +148,19 @@ def _size(ds: Dataset) -> tuple[float | None, float | None]:
     return height, weight
 
 
-def _series_number(ds: Dataset, role: str) -> int:
-    return int(ds.get("SeriesNumber") or 0) + _SERIES_OFFSET[role]
+
+
+def _colour(label_type: tuple[str, str]) -> tuple[int, int, int]:
+    for role, codes_ in _ROLE_CODES.items():
+        if label_type in codes_:
+            return _ROLE_COLOURS[role]
+    return _OTHER_COLOUR
 
 
 def _segment_descriptions(prov: Provenance) -> list[hd.seg.SegmentDescription]:
     algo = prov.algorithm_identification()
     out = []
+    assert prov.manifest.segmentation is not None
     for label in prov.manifest.segmentation.labels:
         out.append(hd.seg.SegmentDescription(
             segment_number=label.value, segment_label=label.name,
@@ -117,7 +170,7 @@ def _segment_descriptions(prov: Provenance) -> list[hd.seg.SegmentDescription]:
                                                        label.type.meaning),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo,
             tracking_uid=prov.uid("segment", label.value), tracking_id=label.name,
-            display_color=hd.color.CIELabColor.from_rgb(*_COLOURS.get(label.value, (255, 255, 0)))
+            display_color=hd.color.CIELabColor.from_rgb(*_colour((label.type.scheme, label.type.value)))
             if hasattr(hd.color.CIELabColor, "from_rgb") else None))
     return out
 
@@ -155,7 +208,7 @@ def _segmentation(cine: Cine, labels: np.ndarray, phase: int, name: str, number:
         source_images=sources, pixel_array=array, **geometry,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(prov),
-        series_instance_uid=prov.uid("seg-series"), series_number=_series_number(first, "seg"),
+        series_instance_uid=prov.uid("seg-series"), series_number=prov.series_number(first, _SERIES_OFFSET["seg"]),
         sop_instance_uid=prov.uid("seg", name), instance_number=number,
         manufacturer=MANUFACTURER, manufacturer_model_name=prov.description,
         software_versions=prov.description, device_serial_number=str(prov.device_uid)[-16:],
@@ -195,57 +248,71 @@ def _reference_source_frames(seg: hd.seg.Segmentation, frames: list) -> None:
         item.DerivationImageSequence = [derivation]
 
 
-def _measure(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept, prov: Provenance,
-             indexed: bool = False) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=round(float(value), 2), unit=unit,
-                             derivation=_INDEXED if indexed else None, algorithm_id=prov.sr_algorithm())
+def _measures(pairs: list[tuple[hd.sr.CodedConcept, float | None, hd.sr.CodedConcept]], prov: Provenance,
+              indexed: bool = False) -> list[hd.sr.Measurement]:
+    """SR measurements for the values there are: a structure the model does
+    not segment is reported as not measured, never as zero."""
+    return [hd.sr.Measurement(name=name, value=round(float(value), 2), unit=unit,
+                              derivation=_INDEXED if indexed else None, algorithm_id=prov.sr_algorithm())
+            for name, value, unit in pairs if value is not None]
 
 
-def _report(cine: Cine, m: CardiacMetrics, segs: list[hd.seg.Segmentation], prov: Provenance) -> Dataset:
-    lv = [_measure(_LVEDV, m.lvedv_ml, _ML, prov), _measure(_LVESV, m.lvesv_ml, _ML, prov),
-          _measure(_SV, m.lvsv_ml, _ML, prov), _measure(_LVEF, m.lvef_pct, _PCT, prov),
-          _measure(_LV_MASS, m.lv_mass_g, _G, prov)]
-    rv = [_measure(_RVEDV, m.rvedv_ml, _ML, prov), _measure(_RVESV, m.rvesv_ml, _ML, prov),
-          _measure(_SV, m.rvsv_ml, _ML, prov)]
-    if m.rvef_pct is not None:
-        rv.append(_measure(_RVEF, m.rvef_pct, _PCT, prov))
+def _not_measured(roles: Roles) -> list[hd.sr.QualitativeEvaluation]:
+    return [hd.sr.QualitativeEvaluation(
+        codes.DCM.Finding, private_code("NOT_MEASURED", f"Not measured: model does not segment {what}"[:64]))
+        for what in roles.missing()]
+
+
+def _report(cine: Cine, m: CardiacMetrics, segs: list[hd.seg.Segmentation], prov: Provenance,
+            roles: Roles) -> Dataset:
+    lv = _measures([(_LVEDV, m.lvedv_ml, _ML), (_LVESV, m.lvesv_ml, _ML), (_SV, m.lvsv_ml, _ML),
+                    (_LVEF, m.lvef_pct, _PCT), (_LV_MASS, m.lv_mass_g, _G)], prov)
+    rv = _measures([(_RVEDV, m.rvedv_ml, _ML), (_RVESV, m.rvesv_ml, _ML), (_SV, m.rvsv_ml, _ML),
+                    (_RVEF, m.rvef_pct, _PCT)], prov)
     if m.bsa_m2 is not None:
-        lv += [_measure(_LVEDV, m.lvedv_index_ml_m2, _ML_M2, prov, True),
-               _measure(_LVESV, m.lvesv_index_ml_m2, _ML_M2, prov, True),
-               _measure(_SV, m.lvsv_index_ml_m2, _ML_M2, prov, True),
-               _measure(_LV_MASS, m.lv_mass_index_g_m2, _G_M2, prov, True),
-               _measure(_BSA, m.bsa_m2, _M2, prov)]
-        rv += [_measure(_RVEDV, m.rvedv_index_ml_m2, _ML_M2, prov, True),
-               _measure(_RVESV, m.rvesv_index_ml_m2, _ML_M2, prov, True),
-               _measure(_SV, m.rvsv_index_ml_m2, _ML_M2, prov, True)]
-    phases = [_measure(codes.SCT.EndDiastole, cine.frames[m.ed_phase][0].time, _MS, prov),
-              _measure(codes.SCT.EndSystole, cine.frames[m.es_phase][0].time, _MS, prov)]
+        lv += _measures([(_LVEDV, m.lvedv_index_ml_m2, _ML_M2), (_LVESV, m.lvesv_index_ml_m2, _ML_M2),
+                         (_SV, m.lvsv_index_ml_m2, _ML_M2), (_LV_MASS, m.lv_mass_index_g_m2, _G_M2)],
+                        prov, indexed=True)
+        lv += _measures([(_BSA, m.bsa_m2, _M2)], prov)
+        rv += _measures([(_RVEDV, m.rvedv_index_ml_m2, _ML_M2), (_RVESV, m.rvesv_index_ml_m2, _ML_M2),
+                         (_SV, m.rvsv_index_ml_m2, _ML_M2)], prov, indexed=True)
+    phases = _measures([(codes.SCT.EndDiastole, cine.frames[m.ed_phase][0].time, _MS),
+                        (codes.SCT.EndSystole, cine.frames[m.es_phase][0].time, _MS)], prov)
     sources = [hd.sr.SourceImageForMeasurementGroup(s.SOPClassUID, s.SOPInstanceUID) for s in segs]
     groups = []
-    for ident, site, measurements in (("left ventricle", codes.SCT.LeftVentricle, lv),
-                                      ("right ventricle", codes.SCT.RightVentricle, rv),
-                                      ("cardiac phases (trigger time)", codes.DCM.Finding, phases)):
+    for ident, site, measurements, notes in (
+            ("left ventricle", codes.SCT.LeftVentricle, lv, _not_measured(roles)),
+            ("right ventricle", codes.SCT.RightVentricle, rv, []),
+            ("cardiac phases (trigger time)", codes.DCM.Finding, phases, [])):
+        if not measurements and not notes:
+            continue
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=prov.uid("group", ident), identifier=ident),
-            finding_type=site, algorithm_id=prov.sr_algorithm(), measurements=measurements,
-            source_images=sources))
+            finding_type=site, algorithm_id=prov.sr_algorithm(), measurements=measurements or None,
+            qualitative_evaluations=notes or None, source_images=sources))
     evidence = {str(f.dataset.SOPInstanceUID): f.dataset
                 for p in (m.ed_phase, m.es_phase) for f in cine.frames[p]}
     return measurement_report_sr(
         prov=prov, evidence=[*evidence.values(), *segs], groups=groups,
         procedure=codes.SCT.MagneticResonanceImagingOfHeart,
         title=f"AI cardiac function {prov.description}",
-        series_number=_series_number(cine.frames[0][0].dataset, "sr"))
+        series_number=prov.series_number(cine.frames[0][0].dataset, _SERIES_OFFSET["sr"]))
 
 
-def _panel(image: np.ndarray, labels: np.ndarray, title: str) -> np.ndarray:
+def _label_colours(prov: Provenance) -> dict[int, tuple[int, int, int]]:
+    assert prov.manifest.segmentation is not None
+    return {lab.value: _colour((lab.type.scheme, lab.type.value)) for lab in prov.manifest.segmentation.labels}
+
+
+def _panel(image: np.ndarray, labels: np.ndarray, title: str,
+           colours: dict[int, tuple[int, int, int]]) -> np.ndarray:
     lo, hi = np.percentile(image, (1, 99))
     grey = np.clip((image - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
     scale = max(1, 384 // max(grey.shape))
     grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     lab = cv2.resize(labels, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST_EXACT)
     rgb = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
-    for value, colour in _COLOURS.items():
+    for value, colour in colours.items():
         contours, _ = cv2.findContours((lab == value).astype(np.uint8), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(rgb, contours, -1, colour, 1)
@@ -253,15 +320,19 @@ def _panel(image: np.ndarray, labels: np.ndarray, title: str) -> np.ndarray:
     return rgb
 
 
+def _fmt(value: float | None, unit: str) -> str:
+    return "not measured" if value is None else f"{value:.0f} {unit}"
+
+
 def _capture(cine: Cine, labels: np.ndarray, m: CardiacMetrics, prov: Provenance) -> Dataset:
     mid = cine.n_slices // 2
-    ed = _panel(cine.images[m.ed_phase, mid], labels[m.ed_phase, mid], f"ED (phase {m.ed_phase})")
-    es = _panel(cine.images[m.es_phase, mid], labels[m.es_phase, mid], f"ES (phase {m.es_phase})")
+    colours = _label_colours(prov)
+    ed = _panel(cine.images[m.ed_phase, mid], labels[m.ed_phase, mid], f"ED (phase {m.ed_phase})", colours)
+    es = _panel(cine.images[m.es_phase, mid], labels[m.es_phase, mid], f"ES (phase {m.es_phase})", colours)
     banner = np.zeros((64, ed.shape[1] + es.shape[1], 3), np.uint8)
-    lines = [f"LVEDV {m.lvedv_ml:.0f} ml  LVESV {m.lvesv_ml:.0f} ml  LVEF {m.lvef_pct:.0f} %  "
-             f"LV mass {m.lv_mass_g:.0f} g",
-             f"RVEDV {m.rvedv_ml:.0f} ml  RVESV {m.rvesv_ml:.0f} ml  RVEF "
-             + (f"{m.rvef_pct:.0f} %" if m.rvef_pct is not None else "n/a"),
+    lines = [f"LVEDV {_fmt(m.lvedv_ml, 'ml')}  LVESV {_fmt(m.lvesv_ml, 'ml')}  LVEF {_fmt(m.lvef_pct, '%')}  "
+             f"LV mass {_fmt(m.lv_mass_g, 'g')}",
+             f"RVEDV {_fmt(m.rvedv_ml, 'ml')}  RVESV {_fmt(m.rvesv_ml, 'ml')}  RVEF {_fmt(m.rvef_pct, '%')}",
              f"AI result {prov.description} - not for diagnosis unless validated by the site"]
     for i, line in enumerate(lines):
         cv2.putText(banner, line, (6, 18 + 20 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1,
@@ -270,6 +341,6 @@ def _capture(cine: Cine, labels: np.ndarray, m: CardiacMetrics, prov: Provenance
     panels = np.concatenate([np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0))) for p in (ed, es)], axis=1)
     rgb = np.ascontiguousarray(np.concatenate([banner, panels], axis=0))
     ref = cine.frames[m.ed_phase][mid]
-    return secondary_capture(ref.dataset, rgb, prov, role="sc", series_number=_series_number(ref.dataset, "sc"),
+    return secondary_capture(ref.dataset, rgb, prov, role="sc", series_number=prov.series_number(ref.dataset, _SERIES_OFFSET["sc"]),
                              description=f"AI cardiac summary {prov.description}",
                              orientation=patient_orientation(ref.orientation))

@@ -9,7 +9,7 @@ in the same automatically chosen regions.
 from __future__ import annotations
 
 import logging
-import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ClassVar
 
 import highdicom as hd
@@ -21,10 +21,11 @@ from dicom_node.encode.derived import derived_from_frame, derived_image
 from dicom_node.encode.provenance import Provenance
 from dicom_node.encode.sr import measurement_report_sr, private_code
 from dicom_node.errors import PipelineError, SkipSeries
-from dicom_node.infer.engine import OnnxModel
-from dicom_node.infer.tensors import run_image_to_image
+from dicom_node.infer.manifest import ModelManifest
+from dicom_node.infer.runner import InferenceModel, denoise
 from dicom_node.pipelines import ct_quality
-from dicom_node.pipelines.base import PipelineInput, PipelineResult, register
+from dicom_node.pipelines.base import (PipelineInput, PipelineResult, StageTimer, implausible,
+                                       plausible_ranges, register, require_task)
 from dicom_node.pipelines.volume import Volume, load_volume
 
 __all__ = ["CtDenoise"]
@@ -38,37 +39,63 @@ _RATIO = hd.sr.CodedConcept(value="{ratio}", scheme_designator="UCUM", meaning="
 _SNR = codes.DCM.SignalToNoise  # DCM 113060
 _CNR = private_code("CNR", "Contrast to noise ratio")
 _SERIES_OFFSET = {"derived": 1000, "sr": 1001}
+_MIN_SD_PIXELS = 50
 
 
 @register
 class CtDenoise:
     name: ClassVar[str] = "ct_denoise"
+    # A denoiser removes noise: the CT numbers of homogeneous regions stay put
+    # and their noise does not grow much.  An "AI denoised" series at -1024 HU
+    # (a residual model read as a clean one) fails both.  The noise ratio is
+    # lenient because the ROIs are picked where the source's SD is lowest, and
+    # on small matrices even a plain 3x3 mean measured 1.7 there.
+    plausible: ClassVar[dict[str, tuple[float, float]]] = {
+        "roi_mean_shift_hu": (0.0, 30.0),
+        "noise_ratio": (0.0, 3.0),
+    }
 
-    def run(self, job: PipelineInput, model: OnnxModel) -> PipelineResult:
-        if model.manifest.task != "image-to-image":
-            raise PipelineError(f"job {job.job_id}: model {model.manifest.name} is a "
-                                f"{model.manifest.task} model; ct_denoise needs image-to-image")
+    def check_model(self, manifest: ModelManifest) -> list[str]:
+        return require_task(manifest, "image-to-image", self.name)
+
+    def run(self, job: PipelineInput, model: InferenceModel) -> PipelineResult:
+        problems = self.check_model(model.manifest)
+        if problems:
+            raise PipelineError(f"job {job.job_id}: " + "; ".join(problems))
         source = _ct_images(job)
         series_uid = str(source[0].SeriesInstanceUID)
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        volume = load_volume(source, series_uid)
-        timings["decode"] = time.perf_counter() - t0
+        timer = StageTimer()
+        with timer.stage("decode"):
+            volume = load_volume(source, series_uid)
+        # The ROI search needs only the source volume.  With an accelerator
+        # doing the inference the CPU is free meanwhile, so it runs beside
+        # the model; on the CPU provider the model already uses every core.
+        regions = _search_regions(volume, background=model.provider != "CPUExecutionProvider")
+        with timer.stage("inference"):
+            denoised = denoise(volume.values, volume.pixel_spacing, model,
+                               int(job.options.get("batch_size", 4)))
+        with timer.stage("encode"):
+            prov = Provenance(model.manifest, self.name, series_uid, model.provider)
+            derived = _derived_series(volume, denoised, prov)
+            report, measured = _quality_report(volume, denoised, derived, prov, regions)
+        values = _plausibility_values(measured)
+        held = implausible(values, plausible_ranges(self, model.manifest),
+                           {"roi_mean_shift_hu": " HU"})
+        summary = {"slices": len(derived), "series": series_uid,
+                   **{k: round(v, 3) for k, v in values.items() if v is not None}}
+        return PipelineResult(derived + [report], timer.timings, summary, held=held)
 
-        t0 = time.perf_counter()
-        batch = int(job.options.get("batch_size", 4))
-        denoised = run_image_to_image(volume.values, model.manifest,
-                                      lambda x: model.run({model.input_name: x})[model.manifest.outputs[0].name],
-                                      batch)
-        timings["inference"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        prov = Provenance(model.manifest, self.name, series_uid, model.provider)
-        derived = _derived_series(volume, denoised, prov)
-        report = _quality_report(volume, denoised, derived, prov)
-        timings["encode"] = time.perf_counter() - t0
-        return PipelineResult(derived + [report], timings,
-                              {"slices": len(derived), "series": series_uid})
+def _plausibility_values(measured: tuple[ct_quality.QualityMeasurement, ct_quality.QualityMeasurement]
+                         ) -> dict[str, float | None]:
+    before, after = measured
+    shift = max(abs(after.blood.mean_hu - before.blood.mean_hu),
+                abs(after.reference.mean_hu - before.reference.mean_hu))
+    # An SD over a handful of pixels (a small matrix at coarse spacing) says
+    # nothing about noise; the ratio is then not judged.
+    enough = before.blood.n_pixels >= _MIN_SD_PIXELS and before.blood.sd_hu > 0
+    ratio = after.blood.sd_hu / before.blood.sd_hu if enough else None
+    return {"roi_mean_shift_hu": float(shift), "noise_ratio": ratio}
 
 
 def _ct_images(job: PipelineInput) -> list[Dataset]:
@@ -83,9 +110,6 @@ def _ct_images(job: PipelineInput) -> list[Dataset]:
     return images
 
 
-def _series_number(source: Dataset, role: str) -> int:
-    base = int(source.get("SeriesNumber") or 0)
-    return base + _SERIES_OFFSET[role]
 
 
 def _derived_series(volume: Volume, denoised: np.ndarray, prov: Provenance) -> list[Dataset]:
@@ -95,7 +119,7 @@ def _derived_series(volume: Volume, denoised: np.ndarray, prov: Provenance) -> l
     derivation = (f"AI noise reduction by {prov.manifest.name} version {prov.manifest.version} "
                   f"({prov.manifest.family.meaning}) in dicom-node; not for primary diagnosis "
                   f"unless the site validated this model")
-    number = _series_number(first, "derived")
+    number = prov.series_number(first, _SERIES_OFFSET["derived"])
     out = []
     for i, s in enumerate(volume.slices):
         if s.frame is None:
@@ -113,10 +137,25 @@ def _derived_series(volume: Volume, denoised: np.ndarray, prov: Provenance) -> l
     return out
 
 
-def _quality_report(volume: Volume, denoised: np.ndarray, derived: list[Dataset],
-                    prov: Provenance) -> Dataset:
+_BACKGROUND: ThreadPoolExecutor | None = None
+
+
+def _search_regions(volume: Volume, background: bool) -> "Future[ct_quality.QualityRegions] | None":
+    """The ROI search started on its own thread, or None to run it in line."""
+    global _BACKGROUND
+    if not background:
+        return None
+    if _BACKGROUND is None:
+        _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="ct-regions")
+    return _BACKGROUND.submit(ct_quality.choose_regions, volume.values, volume.pixel_spacing)
+
+
+def _quality_report(volume: Volume, denoised: np.ndarray, derived: list[Dataset], prov: Provenance,
+                    searched: "Future[ct_quality.QualityRegions] | None" = None
+                    ) -> tuple[Dataset, tuple[ct_quality.QualityMeasurement, ct_quality.QualityMeasurement]]:
     try:
-        regions = ct_quality.choose_regions(volume.values, volume.pixel_spacing)
+        regions = (searched.result() if searched is not None
+                   else ct_quality.choose_regions(volume.values, volume.pixel_spacing))
     except PipelineError as exc:
         raise PipelineError(f"series {prov.source_series_uid}: {exc}") from exc
     before = ct_quality.measure(volume.values, regions)
@@ -130,11 +169,12 @@ def _quality_report(volume: Volume, denoised: np.ndarray, derived: list[Dataset]
             groups.append(_roi_group(stats, image, frame, label, prov))
         groups.append(_ratio_group(measured, label, prov))
     evidence = {str(d.SOPInstanceUID): d for d in [s.dataset for s in volume.slices] + derived}
-    return measurement_report_sr(
+    report = measurement_report_sr(
         prov=prov, evidence=list(evidence.values()), groups=groups,
         procedure=codes.SCT.ComputedTomography,
         title=f"AI denoising image quality {prov.description}",
-        series_number=_series_number(volume.slices[0].dataset, "sr"))
+        series_number=prov.series_number(volume.slices[0].dataset, _SERIES_OFFSET["sr"]))
+    return report, (before, after)
 
 
 def _roi_group(stats: ct_quality.RoiStats, image: Dataset, frame: int | None, label: str,

@@ -28,7 +28,10 @@ numpy and OpenCV only: this runs inside the node on every series.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from threading import Lock
 
 import cv2
 import numpy as np
@@ -149,15 +152,15 @@ def _tissue_masks(vol: np.ndarray, spacing: tuple[float, float], lo: float, hi: 
     the blood HU range, but it is enclosed by cortex above the range, so regions
     enclosed by > ``hi`` HU (plus a 2 mm rim) are cut out.
     """
-    out = []
     rim = _ellipse_kernel(2.0, spacing)
-    for img in vol:
+
+    def one(img: np.ndarray) -> np.ndarray:
         s = _smooth(img, spacing)
         m = ((s >= lo) & (s <= hi)).astype(np.uint8)
         if exclude_bone:
             m &= 1 - cv2.dilate(_fill_holes((s > hi).astype(np.uint8)), rim)
-        out.append(m)
-    return out
+        return m
+    return _map(one, list(vol))
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -169,12 +172,11 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def _outside_air(vol: np.ndarray, spacing: tuple[float, float]) -> list[np.ndarray]:
     """Per slice, air connected to the image border (outside the body, not lung)."""
-    out = []
-    for img in vol:
+    def one(img: np.ndarray) -> np.ndarray:
         air = (_smooth(img, spacing) < AIR_HU_MAX).astype(np.uint8)
         # Border-connected air is whatever hole-filling the body does not reach.
-        out.append(air & (1 - _fill_holes(1 - air)))
-    return out
+        return air & (1 - _fill_holes(1 - air))
+    return _map(one, list(vol))
 
 
 def _lowest_sd_centre(img: np.ndarray, region: np.ndarray, spacing: tuple[float, float],
@@ -195,14 +197,33 @@ def _fit(vol: np.ndarray, regions: list[tuple[int, np.ndarray]], spacing: tuple[
     r = radius_mm
     while r >= min_radius_mm - 1e-9:
         best: tuple[float, int, tuple[int, int]] | None = None
-        for z, region in regions:
-            found = _lowest_sd_centre(vol[z], region, spacing, r)
+        # Slices are searched in parallel (OpenCV and numpy release the GIL);
+        # the results are compared in slice order, as one by one.
+        candidates = _map(lambda zr, radius=r: _lowest_sd_centre(vol[zr[0]], zr[1], spacing, radius),
+                          regions)
+        for (z, _), found in zip(regions, candidates):
             if found is not None and (best is None or found[0] < best[0]):
                 best = (found[0], z, found[1])
         if best is not None:
             return best[1], best[2], r
         r -= _RADIUS_STEP_MM
     return None
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = Lock()
+
+
+def _map(fn, items: list) -> list:  # type: ignore[no-untyped-def]
+    """``[fn(i) for i in items]`` on a small shared thread pool."""
+    global _POOL
+    workers = min(4, os.cpu_count() or 1)
+    if workers < 2 or len(items) < 2:
+        return [fn(i) for i in items]
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="ct-quality")
+    return list(_POOL.map(fn, items))
 
 
 def _largest_component(masks: list[np.ndarray], spacing: tuple[float, float],

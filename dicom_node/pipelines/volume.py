@@ -81,7 +81,8 @@ def load_volume(datasets: list[Dataset], series_uid: str = "") -> Volume:
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise PipelineError(f"series {series_uid}: slices have different sizes {sorted(shapes)}")
-    return Volume(kept, np.stack(arrays).astype(np.float32))
+    # The planes are float32 already (_values): stacking is the one copy.
+    return Volume(kept, np.stack(arrays).astype(np.float32, copy=False))
 
 
 def _planes(ds: Dataset) -> list[Slice]:

@@ -7,54 +7,39 @@ into the spool and recorded in the store.  Nothing here waits on inference.
 
 from __future__ import annotations
 
-import copy
 import errno
 import logging
 import socket
+import sqlite3
 import ssl
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from io import BytesIO
+import time
+from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
-from dicom_node.limits import PIXEL_TAGS, DiskWatermark, declared_pixel_bytes
+from dicom_node.limits import DiskWatermark
+from dicom_node.net import pynetdicom_compat as compat
+from dicom_node.net.pdu import BoundedPduReader, PduLimits, advertised_max_pdu
+from dicom_node.net.refusals import RefusalLog
+from dicom_node.net.sockets import RECEIVE_LOOP_DELAY, tune_socket
+from dicom_node.observability.logs import RepeatLog, escape
 from dicom_node.observability.metrics import Metrics
+from dicom_node.receive.header import BadInstance, Header, InflateBound, read_header
+from dicom_node.receive.status import StoreStatus
 from dicom_node.security.tls import server_context
-from dicom_node.send.scu import tune_association
 from dicom_node.store.db import InstanceRecord, Store
-from dicom_node.store.spool import Spool, is_valid_uid
+from dicom_node.store.spool import Spool
 
-__all__ = ["Receiver", "STATUS", "supported_transfer_syntaxes", "storage_sop_classes",
+__all__ = ["Receiver", "supported_transfer_syntaxes", "storage_sop_classes",
            "reconcile_spool"]
 
 log = logging.getLogger("dicom_node.receive")
-
-# C-STORE statuses (PS3.4 Annex B.2.3 and pynetdicom's storescp).
-STATUS = {
-    "success": 0x0000,
-    "out_of_resources": 0xA700,
-    "dataset_mismatch": 0xA900,
-    "cannot_understand": 0xC210,
-    "invalid_uid": 0xC211,
-    "processing_failure": 0x0110,
-    # Declared pixel data above node.max_pixel_bytes.  A Cxxx "Error: cannot
-    # understand" rather than A700: senders treat A7xx as transient and retry,
-    # but this instance will never fit, so retrying only repeats the refusal.
-    "pixels_too_large": 0xC220,
-}
-
-# Tags the receiver reads; the pixel data is never decoded here.
-_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                "Modality", "ImagesInAcquisition", "NumberOfSlices", *PIXEL_TAGS]
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -64,6 +49,16 @@ _REJECT_LIMIT = (0x02, 0x03, 0x02)
 # Rejected-transient, by the presentation-related service provider, temporary
 # congestion: the sender may try again later (disk below the watermark).
 _REJECT_CONGESTION = (0x02, 0x03, 0x01)
+# The same local-limit rejection as a raw A-ASSOCIATE-RJ PDU, for connections
+# over node.max_connections, which are refused before pynetdicom sees them.
+_RJ_LIMIT_PDU = bytes([0x03, 0, 0, 0, 0, 4, 0, *_REJECT_LIMIT])
+# What a refused connection may have sent already, read (and dropped) before
+# closing so the close is a FIN after our A-ASSOCIATE-RJ, not a reset.
+_DRAIN_BYTES = 256 * 1024
+
+# Deflated datasets already in the spool were bounded at reception; at start
+# only memory is bounded (ratio above deflate's ~1032:1 maximum).
+_RECONCILE_BOUND = InflateBound(ratio=2048, max_pixel_bytes=1 << 40)
 
 
 # When a context proposes several syntaxes pynetdicom takes the first of ours
@@ -91,94 +86,6 @@ def storage_sop_classes() -> list[str]:
     return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
 
 
-@dataclass(frozen=True)
-class _Header:
-    sop_class: str
-    sop_uid: str
-    study_uid: str
-    series_uid: str
-    modality: str
-    expected_count: int | None
-    # Decoded size the header declares (see dicom_node.limits).
-    pixel_bytes: int = 0
-    # From the file meta: what the sender's context used.
-    transfer_syntax: str = ""
-
-
-class _SharedContexts(list):
-    """The server's supported contexts, copied shallowly per association.
-
-    pynetdicom deep-copies them for every association; with 170 storage
-    classes times every transfer syntax that took ~0.15 s of CPU per
-    association, capping one-instance associations (what many modalities
-    send) at a few per second.  Negotiation only reads them, so one copy of
-    each context object, sharing its syntax list, is enough.
-    """
-
-    def __deepcopy__(self, memo: dict) -> list:
-        return [copy.copy(cx) for cx in self]
-
-
-class _NodeServer(ThreadedAssociationServer):
-    """pynetdicom's server with TCP_NODELAY on every accepted socket.
-
-    Without it a peer that also leaves Nagle on (dcmtk, Orthanc) stalls about
-    40 ms per instance on delayed ACKs.  SO_REUSEPORT lets several receiver
-    processes share one port.
-    """
-
-    reuse_port = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        # Not super(): with TLS pynetdicom would run the handshake here, in the
-        # one thread that accepts, where a silent client stalls every other.
-        client, address = self.socket.accept()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is not None:
-            client = self.ssl_context.wrap_socket(client, server_side=True,
-                                                  do_handshake_on_connect=False)
-        return client, address
-
-    # -- TLS: the handshake runs in the connection's own thread ---------------
-    # Set by the Receiver: called with the client's address and the reason.
-    on_tls_failure: Callable[[Any, str], None] | None = None
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket) and not self._tls_handshake(request, client_address):
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(request, client_address)
-
-    def _tls_handshake(self, sock: ssl.SSLSocket, address: Any) -> bool:
-        """Finish the handshake within the network timeout.  A failure (bad or
-        missing client certificate, a plain DICOM client, a timeout) closes
-        this connection only and is reported; the server keeps serving."""
-        previous = sock.gettimeout()
-        sock.settimeout(self.ae.network_timeout)
-        try:
-            sock.do_handshake()
-        except (ssl.SSLError, OSError) as exc:  # socket.timeout and resets are OSErrors
-            if self.on_tls_failure is not None:
-                self.on_tls_failure(address, _tls_reason(exc))
-            return False
-        sock.settimeout(previous)
-        return True
-
-
-def _tls_reason(exc: BaseException) -> str:
-    """OpenSSL's reason, e.g. 'CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate'."""
-    if isinstance(exc, socket.timeout):
-        return "no TLS handshake within the network timeout"
-    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-    detail = getattr(exc, "verify_message", None)
-    return f"{reason}: {detail}" if detail else str(reason)
-
-
 class Receiver:
     """Owns the pynetdicom AE and its server thread."""
 
@@ -190,9 +97,23 @@ class Receiver:
         self.spool = spool
         self.metrics = metrics
         self.reuse_port = reuse_port
-        self._server: _NodeServer | None = None
-        self._open: dict[int, str] = {}  # established association -> calling AE
+        self._server: compat.NodeServer | None = None
+        # Associations we admitted (reserved in _on_requested, so two at once
+        # cannot both take the last slot) -> calling AE.  Pruned of dead
+        # threads when counted, so a missed close event cannot leak a slot.
+        self._open: dict[Association, str] = {}
         self._lock = threading.Lock()
+        # Established associations -> what they did, for the one log line
+        # at release or abort: [calling AE, peer, start, instances, bytes, refused].
+        self._tally: dict[Association, list] = {}
+        node = config.node
+        self._limits = PduLimits(max_pdu=advertised_max_pdu(node.max_pdu),
+                                 network_timeout_s=node.network_timeout_s,
+                                 negotiation_timeout_s=node.acse_timeout_s)
+        self._inflate_bound = InflateBound(ratio=node.max_inflate_ratio,
+                                           max_pixel_bytes=node.max_pixel_bytes)
+        self._refusals = RefusalLog(log)
+        self._bugs = RepeatLog(log)
         # Back-pressure: free space of the spool's file system against the floor.
         self.watermark = DiskWatermark(spool.root, config.node.min_free_bytes)
         self.ae = self._make_ae()
@@ -200,8 +121,11 @@ class Receiver:
     def _make_ae(self) -> AE:
         node = self.config.node
         ae = AE(ae_title=node.ae_title)
-        ae.maximum_pdu_size = node.max_pdu
-        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = self._limits.max_pdu
+        # pynetdicom's own limit counts every acceptor thread, negotiating or
+        # not; ours (_refusal, NodeServer.admit) count properly, so its is set
+        # where it never decides.
+        ae.maximum_associations = node.connection_limit + node.max_associations
         ae.network_timeout = node.network_timeout_s
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.network_timeout_s
@@ -213,29 +137,37 @@ class Receiver:
 
     def start(self) -> tuple[str, int]:
         node = self.config.node
+        if compat.receive_tmp_dir() != self.spool.tmp:
+            # Datasets must go to files on the spool's file system; without
+            # this pynetdicom would hold each one in memory (or in /tmp).
+            raise RuntimeError("pynetdicom_compat.configure_process(receive_tmp_dir=spool.tmp) "
+                               "was not called in this process's entry point")
         if node.allow_any_caller and self.warn:
             log.warning("node.allow_any_caller is true: any calling AE may store to %s; "
                         "list peers and set it to false in production", node.ae_title)
         handlers = [
-            (evt.EVT_CONN_OPEN, tune_association),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        _NodeServer.reuse_port = self.reuse_port
         server = self.ae.make_server((node.host, node.port), evt_handlers=handlers,
-                                     server_class=_NodeServer, ssl_context=self._tls_context())
+                                     server_class=compat.server_class(reuse_port=self.reuse_port),
+                                     ssl_context=self._tls_context())
         server.on_tls_failure = self._on_tls_failure
-        server.contexts = _SharedContexts(server.contexts)
+        server.admit = self._admit
+        server.contexts = compat.SharedContexts(server.contexts)
         thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
         thread.start()
-        self.ae._servers.append(server)
+        compat.register_server(self.ae, server)
         self._server = server
         host, port = server.server_address[:2]
-        log.info("listening for DICOM on %s:%d as %s", host, port, node.ae_title)
+        log.info("listening for DICOM on %s:%d as %s (at most %d connections, %d associations)",
+                 host, port, node.ae_title, node.connection_limit, node.max_associations)
         return host, port
 
     def stop(self) -> None:
@@ -263,9 +195,46 @@ class Receiver:
     def _on_tls_failure(self, address: Any, reason: str) -> None:
         # Nothing DICOM was exchanged yet: the log carries an address and
         # OpenSSL's reason, never patient data.
-        log.warning("TLS handshake from %s failed, connection closed: %s",
-                    ":".join(map(str, address[:2])), reason)
+        host = _host(address)
+        # Keyed by OpenSSL's reason name too: an unknown CA and a missing
+        # certificate from one host are two things to tell the operator.
+        self._refusals.warning(host, f"tls:{reason.split(':')[0][:64]}",
+                               "TLS handshake from %s failed, connection closed: %s",
+                               ":".join(map(str, address[:2])), escape(reason))
         self.metrics.associations.labels(result="rejected_tls").inc()
+
+    # -- connections: the cap, socket tuning, PDU bounds ------------------------
+
+    def _admit(self, sock: socket.socket, address: Any, open_connections: int) -> bool:
+        """NodeServer.verify_request: refuse a connection over the cap before
+        any thread is started for it."""
+        limit = self.config.node.connection_limit
+        if open_connections < limit:
+            return True
+        host = _host(address)
+        self.metrics.associations.labels(result="rejected_connection_limit").inc()
+        self._refusals.warning(host, "connection_limit",
+                               "connection from %s refused: %d connections open, node.max_connections "
+                               "is %d", host, open_connections, limit)
+        _refuse_connection(sock)
+        return False
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        transport = assoc.dul.socket
+        if transport is None or transport.socket is None:
+            return
+        compat.set_loop_delay(assoc, RECEIVE_LOOP_DELAY)
+        tune_socket(transport.socket, self.config.node.network_timeout_s)
+        host = _host(event.address)
+        reader = BoundedPduReader(transport.socket, self._limits,
+                                  lambda label, reason: self._on_violation(host, label, reason),
+                                  lambda: bool(assoc.is_established))
+        compat.install_pdu_reader(assoc, reader)
+
+    def _on_violation(self, host: str, label: str, reason: str) -> None:
+        self.metrics.associations.labels(result=f"aborted_{label}").inc()
+        self._refusals.warning(host, label, "connection from %s aborted: %s", host, reason)
 
     # -- association policy ---------------------------------------------------
 
@@ -275,28 +244,41 @@ class Receiver:
         calling = str(rq.calling_ae_title).strip()
         called = str(rq.called_ae_title).strip()
         host = assoc.requestor.address
-        reason = self._refusal(calling, called, host)
+        reason = self._admit_association(assoc, calling, called, host)
         if reason is None:
             return
         which, rsd = reason
-        log.warning("association from %s@%s to %s rejected: %s", calling, host, called, which)
+        self._refusals.warning(host, which, "association from %s@%s to %s rejected: %s",
+                               escape(calling), host, escape(called), which)
         self.metrics.associations.labels(result=f"rejected_{which}").inc()
         assoc.acse.send_reject(*rsd)
         assoc.kill()
+
+    def _admit_association(self, assoc: Association, calling: str, called: str,
+                           host: str) -> tuple[str, tuple[int, int, int]] | None:
+        """None, with a slot reserved for ``assoc``, or why it is refused."""
+        reason = self._refusal(calling, called, host)
+        if reason is not None:
+            return reason
+        node = self.config.node
+        known = self.config.peer_by_ae(calling)
+        # Limits are per receiver process (node.receivers > 1 multiplies them).
+        with self._lock:
+            for other in [a for a in self._open if not a.is_alive()]:
+                del self._open[other]
+            if len(self._open) >= node.max_associations:
+                return "association_limit", _REJECT_LIMIT
+            mine = sum(1 for ae in self._open.values() if ae == calling)
+            if known is not None and known.max_associations is not None and mine >= known.max_associations:
+                return "peer_association_limit", _REJECT_LIMIT
+            self._open[assoc] = calling
+            self.metrics.associations_active.set(len(self._open))
+        return None
 
     def _refusal(self, calling: str, called: str, host: str) -> tuple[str, tuple[int, int, int]] | None:
         node = self.config.node
         if node.require_called_ae and called != node.ae_title:
             return "called_ae", _REJECT_CALLED_AE
-        # Limits are per receiver process (node.receivers > 1 multiplies them).
-        with self._lock:
-            total = len(self._open)
-            mine = sum(1 for ae in self._open.values() if ae == calling)
-        if total >= node.max_associations:
-            return "association_limit", _REJECT_LIMIT
-        known = self.config.peer_by_ae(calling)
-        if known is not None and known.max_associations is not None and mine >= known.max_associations:
-            return "peer_association_limit", _REJECT_LIMIT
         # -- back-pressure: a congested node says so before any instance is sent.
         if node.refuse_associations_below_watermark and self.watermark.below():
             return "disk_below_watermark", _REJECT_CONGESTION
@@ -311,115 +293,180 @@ class Receiver:
 
     def _on_established(self, event: evt.Event) -> None:
         self.metrics.associations.labels(result="accepted").inc()
+        rq = event.assoc.requestor
         with self._lock:
-            self._open[id(event.assoc)] = str(event.assoc.requestor.ae_title).strip()
-            self.metrics.associations_active.set(len(self._open))
+            self._tally[event.assoc] = [str(rq.ae_title).strip(), f"{rq.address}:{rq.port}",
+                                        time.monotonic(), 0, 0, 0]
+
+    def _count(self, assoc: Association, size: int | None) -> None:
+        """One instance stored (its size) or refused (None), for the association's line."""
+        with self._lock:
+            tally = self._tally.get(assoc)
+            if tally is not None:
+                if size is None:
+                    tally[5] += 1
+                else:
+                    tally[3] += 1
+                    tally[4] += size
 
     def _on_closed(self, event: evt.Event) -> None:
-        # Only associations we counted as established (not rejected ones).
+        # Released, aborted, or the connection closed (also mid-dataset).
+        compat.discard_partial_dataset(event.assoc)
         with self._lock:
-            self._open.pop(id(event.assoc), None)
-            self.metrics.associations_active.set(len(self._open))
+            if self._open.pop(event.assoc, None) is not None:
+                self.metrics.associations_active.set(len(self._open))
+            tally = self._tally.pop(event.assoc, None)
+        if tally is not None:
+            # One line per association: who, from where, what, how long.
+            calling, peer, started, instances, size, refused = tally
+            how = {"EVT_RELEASED": "released", "EVT_ABORTED": "aborted"}.get(
+                getattr(event.event, "name", ""), "closed")
+            duration = time.monotonic() - started
+            level = logging.WARNING if how != "released" or refused else logging.INFO
+            log.log(level, "association from %s@%s %s after %.1f s: %d instances, %s, %d refused",
+                    escape(calling), escape(peer), how, duration, instances, _size(size), refused,
+                    extra={"calling_ae": escape(calling), "peer": escape(peer), "end": how,
+                           "instances": instances, "bytes": size, "refused": refused,
+                           "duration_s": round(duration, 3)})
 
     # -- DIMSE ----------------------------------------------------------------
 
     def _on_echo(self, event: evt.Event) -> int:
-        return STATUS["success"]
+        return StoreStatus.SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
         """Persist the instance exactly as sent and answer only when durable."""
         request_uid = str(event.request.AffectedSOPInstanceUID or "")
+        try:
+            status = self._store(event, request_uid)
+            if status != StoreStatus.SUCCESS:
+                self._count(event.assoc, None)
+            return status
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: answer 0x0110, never A7xx or crash
+            self._bugs.report(f"C-STORE of {escape(request_uid)} failed on an unexpected error: "
+                              f"{type(exc).__name__}: {escape(exc)}",
+                              key=f"{type(exc).__name__} at {_where(exc)}", exc_info=True)
+            self.metrics.store_failures.labels(status=StoreStatus.PROCESSING_FAILURE.label).inc()
+            self._count(event.assoc, None)
+            return StoreStatus.PROCESSING_FAILURE
+
+    def _store(self, event: evt.Event, request_uid: str) -> int:
         # -- back-pressure: keep the last free space for what is already spooled.
         if self.watermark.below():
-            return self._refuse(request_uid, "out_of_resources", self.watermark.describe())
+            return self._refuse(request_uid, StoreStatus.OUT_OF_RESOURCES, self.watermark.describe())
+        # pynetdicom wrote the dataset to a file in the spool's .tmp as it
+        # arrived (configure_process); it removes that name after we return.
+        received: Path | None = event.dataset_path
+        if received is None:
+            return self._refuse(request_uid, StoreStatus.CANNOT_UNDERSTAND, "C-STORE request without a dataset")
+        failed = compat.received_write_error(received)
+        if failed is not None:
+            received.unlink(missing_ok=True)
+            why = "disk full" if failed.errno == errno.ENOSPC else f"cannot write: {failed.strerror}"
+            return self._refuse(request_uid, StoreStatus.OUT_OF_RESOURCES, f"{why} while receiving")
         try:
-            data = event.encoded_dataset()
-        except Exception as exc:  # noqa: BLE001 - edge of the stage: answer, never crash
-            return self._refuse(request_uid, "cannot_understand", f"cannot read encoded dataset: {exc}")
-        try:
-            header = _read_header(data)
-        except _BadInstance as exc:
+            header = read_header(received, self._inflate_bound)
+        except BadInstance as exc:
             return self._refuse(request_uid, exc.status, exc.reason)
-        if header.sop_uid != request_uid:
-            return self._refuse(request_uid, "dataset_mismatch",
-                                f"dataset SOP Instance UID {header.sop_uid} differs from the request's")
-        # The context (and routing, and the SOP class we send results under)
-        # must agree with the data: an MR-labelled CT is refused, PS3.4 B.2.3.
-        request_class = str(event.request.AffectedSOPClassUID or "")
-        if header.sop_class != request_class:
-            return self._refuse(request_uid, "dataset_mismatch",
-                                f"dataset SOP Class UID {header.sop_class} differs from the "
-                                f"request's {request_class}")
-        # -- resource limit: a decompression bomb never reaches the spool.
-        if header.pixel_bytes > self.config.node.max_pixel_bytes:
-            return self._refuse(request_uid, "pixels_too_large",
-                                f"declared pixel data of {header.pixel_bytes} bytes exceeds "
-                                f"node.max_pixel_bytes {self.config.node.max_pixel_bytes}")
+        problem = self._mismatch(header, request_uid, str(event.request.AffectedSOPClassUID or ""))
+        if problem is not None:
+            return self._refuse(request_uid, *problem)
         calling = str(event.assoc.requestor.ae_title).strip()
         called = str(event.assoc.acceptor.ae_title).strip()
+        path = self.spool.path_for(header.study_uid, header.series_uid, header.sop_uid)
+        rel = str(path.relative_to(self.spool.root))
         try:
-            path = self.spool.path_for(header.study_uid, header.series_uid, header.sop_uid)
-            self.spool.write(path, data)
-            self.watermark.note_written(len(data))
+            previous = self.store.instance(header.sop_uid)
+            size = received.stat().st_size
+            self.spool.adopt(received, path)
+            self.watermark.note_written(size)
             replaced = self.store.record_instance(
                 InstanceRecord(sop_uid=header.sop_uid, sop_class=header.sop_class,
                                study_uid=header.study_uid, series_uid=header.series_uid,
                                transfer_syntax=str(event.context.transfer_syntax),
-                               path=str(path.relative_to(self.spool.root)), size=len(data)),
+                               path=rel, size=size),
                 modality=header.modality, calling_ae=calling, called_ae=called,
                 expected_count=header.expected_count)
+            if previous is not None:
+                # Same instance in another series: the record now points at
+                # the new copy, so the old file goes (reconciliation would
+                # also recognise it as older after a crash here).
+                self.spool.remove_superseded(previous.path, rel)
         except OSError as exc:
             why = "disk full" if exc.errno == errno.ENOSPC else f"cannot write: {exc.strerror}"
-            return self._refuse(request_uid, "out_of_resources", why)
-        except Exception as exc:  # noqa: BLE001 - sqlite errors and the like
-            return self._refuse(request_uid, "out_of_resources", f"cannot record: {exc}")
+            return self._refuse(request_uid, StoreStatus.OUT_OF_RESOURCES, why)
+        except sqlite3.OperationalError as exc:
+            # Locked, busy, disk I/O: transient, the sender may retry.
+            return self._refuse(request_uid, StoreStatus.OUT_OF_RESOURCES, f"cannot record: {exc}")
         self.metrics.instances_received.labels(modality=_label(header.modality)).inc()
-        self.metrics.bytes_received.labels(modality=_label(header.modality)).inc(len(data))
+        self.metrics.bytes_received.labels(modality=_label(header.modality)).inc(size)
+        self._count(event.assoc, size)
         if replaced:
             self.metrics.duplicates.inc()
             log.info("replaced instance %s of series %s", header.sop_uid, header.series_uid)
-        return STATUS["success"]
+        return StoreStatus.SUCCESS
 
-    def _refuse(self, sop_uid: str, status: str, reason: str) -> int:
-        log.warning("refused instance %s: %s (status 0x%04X)", sop_uid or "<none>", reason, STATUS[status])
-        self.metrics.store_failures.labels(status=f"0x{STATUS[status]:04X}").inc()
-        return STATUS[status]
-
-
-class _BadInstance(Exception):
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _read_header(data: bytes) -> _Header:
-    try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        values = {tag: ds.get(tag) for tag in _HEADER_TAGS}
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError,
-            NotImplementedError, OverflowError) as exc:
-        raise _BadInstance("cannot_understand", f"unparseable dataset: {exc}") from exc
-    for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
-        value = values[key]
-        if value is None or not is_valid_uid(str(value)):
-            raise _BadInstance("invalid_uid", f"missing or invalid {key} {str(value)!r:.80}")
-    return _Header(
-        sop_class=str(values["SOPClassUID"]), sop_uid=str(values["SOPInstanceUID"]),
-        study_uid=str(values["StudyInstanceUID"]), series_uid=str(values["SeriesInstanceUID"]),
-        modality=str(values["Modality"] or ""),
-        expected_count=_positive_int(values["ImagesInAcquisition"]) or _positive_int(values["NumberOfSlices"]),
-        pixel_bytes=declared_pixel_bytes(values),
-        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
-    )
-
-
-def _positive_int(value: object) -> int | None:
-    try:
-        n = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    def _mismatch(self, header: Header, request_uid: str,
+                  request_class: str) -> tuple[StoreStatus, str] | None:
+        if header.sop_uid != request_uid:
+            return (StoreStatus.DATASET_MISMATCH,
+                    f"dataset SOP Instance UID {header.sop_uid} differs from the request's")
+        # The context (and routing, and the SOP class we send results under)
+        # must agree with the data: an MR-labelled CT is refused, PS3.4 B.2.3.
+        if header.sop_class != request_class:
+            return StoreStatus.DATASET_MISMATCH, (f"dataset SOP Class UID {header.sop_class} differs "
+                                                  f"from the request's {escape(request_class)}")
+        # -- resource limit: a decompression bomb never reaches the spool.
+        limit = self.config.node.max_pixel_bytes
+        if header.pixel_bytes > limit:
+            return StoreStatus.PIXELS_TOO_LARGE, (f"declared pixel data of {header.pixel_bytes} bytes "
+                                                  f"exceeds node.max_pixel_bytes {limit}")
         return None
-    return n if n > 0 else None
+
+    def _refuse(self, sop_uid: str, status: StoreStatus, reason: str) -> int:
+        log.warning("refused instance %s: %s (status 0x%04X)", escape(sop_uid) or "<none>",
+                    escape(reason, 400), status)
+        self.metrics.store_failures.labels(status=status.label).inc()
+        return status
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _host(address: Any) -> str:
+    return str(address[0]) if isinstance(address, (tuple, list)) and address else str(address)
+
+
+def _where(exc: BaseException) -> str:
+    """file:line where an exception was raised, to key 'log its traceback once'."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+
+
+def _refuse_connection(sock: socket.socket) -> None:
+    """Answer a connection over the cap with A-ASSOCIATE-RJ (transient, local
+    limit exceeded) and let the server close it.  Never blocks: this runs in
+    the one accepting thread.  TLS connections are closed without it (no
+    handshake was made to send it in)."""
+    if isinstance(sock, ssl.SSLSocket):
+        return
+    try:
+        sock.setblocking(False)
+        sock.send(_RJ_LIMIT_PDU)
+        drained = 0
+        while drained < _DRAIN_BYTES:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass  # BlockingIOError included: nothing more to read now
 
 
 _MODALITIES = {"CT", "MR", "CR", "DX", "MG", "US", "NM", "PT", "XA", "RF", "OT", "SC", "SR",
@@ -443,29 +490,20 @@ def _same_host(configured: str, actual: str) -> bool:
 
 
 
-def reconcile_spool(spool: Spool, store: Store) -> int:
-    """Index spooled files the store does not know.
+def reconcile_spool(spool: Spool, store: Store):
+    """Index spooled files the store does not know, and remove superseded
+    copies of instances received again elsewhere (store/reconcile.py).
+    Returns a ReconcileReport, false when there was nothing to do."""
+    from dicom_node.store.reconcile import IndexEntry, reconcile
 
-    The receiver commits its records without waiting for the WAL fsync (the
-    file itself is fsync'd before Success), so after a power cut the spool
-    is the truth.  Returns how many files were indexed.
-    """
-    known = store.instance_paths()
-    indexed = 0
-    for path in spool.files():
-        rel = str(path.relative_to(spool.root))
-        if rel in known:
-            continue
-        try:
-            data = path.read_bytes()
-            header = _read_header(data)
-        except (OSError, _BadInstance) as exc:
-            log.warning("spooled file %s is unreadable, left alone: %s", rel, exc)
-            continue
-        store.record_instance(
+    def read(path: Path, rel: str) -> IndexEntry:
+        # From the file, header only (deflated ones inflated in bounded steps).
+        header = read_header(path, _RECONCILE_BOUND)
+        return IndexEntry(
             InstanceRecord(sop_uid=header.sop_uid, sop_class=header.sop_class,
                            study_uid=header.study_uid, series_uid=header.series_uid,
-                           transfer_syntax=header.transfer_syntax, path=rel, size=len(data)),
-            modality=header.modality, calling_ae="", called_ae="", expected_count=header.expected_count)
-        indexed += 1
-    return indexed
+                           transfer_syntax=header.transfer_syntax, path=rel,
+                           size=path.stat().st_size),
+            header.modality, header.expected_count)
+
+    return reconcile(spool, store, read, unreadable=(OSError, BadInstance))

@@ -14,10 +14,18 @@ from collections import defaultdict
 from pathlib import Path
 from threading import Event
 
-from dicom_node.config import (Config, DicomDestination, FolderDestination, Peer,
-                               SenderDestination)
+from dicom_node.config import (
+    Config,
+    DicomDestination,
+    DicomwebDestination,
+    FolderDestination,
+    Peer,
+    SenderDestination,
+)
 from dicom_node.errors import SendError
+from dicom_node.observability.logs import RepeatLog
 from dicom_node.observability.metrics import Metrics
+from dicom_node.send.dicomweb import send_dicomweb
 from dicom_node.send.scu import StoreOutcome, StoreRequest, send_files
 from dicom_node.store.db import OutboxItem, Store
 from dicom_node.store.spool import atomic_write
@@ -37,13 +45,22 @@ class Dispatcher:
         self.store = store
         self.metrics = metrics
         self.tmp = config.data_dir / "spool" / ".tmp"
+        self._failures = RepeatLog(log)
+        # Destinations failing now -> [first reason, failed attempts since]:
+        # one line when a destination starts failing, one when it recovers,
+        # not one per object per retry.
+        self._failing: dict[str, list] = {}
+        # Dead letters: the first of each destination and reason, then a count.
+        self._dead = RepeatLog(log, logging.ERROR, every_s=300)
 
     def run_forever(self, stop: Event, poll_s: float = 0.25) -> None:
         while not stop.is_set():
             try:
                 busy = self.run_once()
-            except Exception:  # noqa: BLE001 - edge of the stage: log, keep draining
-                log.exception("outbox pass failed; retrying")
+                self._failures.clear("outbox passes work again")
+            except Exception as exc:  # noqa: BLE001 - edge of the stage: log, keep draining
+                self._failures.report(f"outbox pass failed; retrying: {type(exc).__name__}: {exc}",
+                                      key=type(exc).__name__, exc_info=True)
                 busy = False
             if not busy:
                 stop.wait(poll_s)
@@ -75,14 +92,19 @@ class Dispatcher:
             outcomes = [self._copy(item, self.config.folder_path(dest)) for item in batch]
         else:
             try:
-                peer = self._peer(dest, source_ae)
-                outcomes = send_files(
-                    peer, [StoreRequest(i.id, Path(i.path), i.sop_class, i.sop_uid) for i in batch],
-                    calling_ae=self.config.node.ae_title,
-                    timeout_s=self.config.outbox.connect_timeout_s)
+                requests = [StoreRequest(i.id, Path(i.path), i.sop_class, i.sop_uid) for i in batch]
+                if isinstance(dest, DicomwebDestination):
+                    outcomes = send_dicomweb(dest, requests)
+                else:
+                    outcomes = send_files(
+                        self._peer(dest, source_ae), requests,
+                        calling_ae=self.config.node.ae_title,
+                        timeout_s=self.config.outbox.connect_timeout_s)
             except SendError as exc:
                 for item in batch:
                     self._fail(item, exc.reason, retryable=exc.retryable)
+                if exc.retryable:
+                    self._note_failure(dest_name, exc.reason, batch)
                 return
         self._record(dest_name, batch, outcomes)
 
@@ -113,10 +135,42 @@ class Dispatcher:
             self.store.mark_sent(sent)
             self.metrics.send_attempts.labels(destination=dest_name, result="sent").inc(len(sent))
             self._observe_latency(dest_name, [by_id[i] for i in sent])
-            log.info("sent %d result objects to %s", len(sent), dest_name)
-        for outcome in outcomes:
-            if not outcome.ok:
-                self._fail(by_id[outcome.item_id], outcome.reason, retryable=outcome.retryable)
+            self._note_recovery(dest_name)
+            per_job: dict[int, int] = defaultdict(int)
+            for item_id in sent:
+                per_job[by_id[item_id].job_id] += 1
+            for job_id, count in sorted(per_job.items()):
+                # One line per delivery: destination, count, job.
+                log.info("delivered %d result objects of job %d to %s", count, job_id, dest_name,
+                         extra={"destination": dest_name, "job_id": job_id, "count": count})
+        failed = [o for o in outcomes if not o.ok]
+        for outcome in failed:
+            self._fail(by_id[outcome.item_id], outcome.reason, retryable=outcome.retryable)
+        again = [o for o in failed if o.retryable]  # dead letters are logged as such
+        if again:
+            self._note_failure(dest_name, again[0].reason, [by_id[o.item_id] for o in again])
+
+    def _note_failure(self, dest_name: str, reason: str, items: list[OutboxItem]) -> None:
+        """A destination that starts failing logs once, with how many objects
+        wait for it; later failures are counted for the recovery line."""
+        state = self._failing.get(dest_name)
+        if state is not None:
+            state[1] += 1
+            return
+        self._failing[dest_name] = [reason, 1]
+        jobs = sorted({i.job_id for i in items})
+        log.warning("destination %s failing: %s; %d result objects (jobs %s) wait and are retried "
+                    "with backoff (up to %.0f s apart)", dest_name, reason, len(items),
+                    ",".join(map(str, jobs)), self.config.outbox.retry_max_s,
+                    extra={"destination": dest_name, "count": len(items), "job_id": jobs,
+                           "reason": reason})
+
+    def _note_recovery(self, dest_name: str) -> None:
+        state = self._failing.pop(dest_name, None)
+        if state is not None:
+            log.info("destination %s delivering again after %d failed attempts (first: %s)",
+                     dest_name, state[1], state[0],
+                     extra={"destination": dest_name, "failed_attempts": state[1]})
 
     def _observe_latency(self, dest_name: str, items: list[OutboxItem]) -> None:
         now = time.time()
@@ -134,10 +188,12 @@ class Dispatcher:
             why = reason if not retryable else f"{reason}; gave up after {settings.dead_after_s:g} s"
             self.store.mark_dead(item.id, why)
             self.metrics.send_attempts.labels(destination=item.destination, result="dead").inc()
-            log.error("result %s to %s is a dead letter: %s", item.sop_uid, item.destination, why)
+            self._dead.report(f"result objects to {item.destination} became dead letters: {why} "
+                              "(dicom-node outbox list --state dead; outbox retry)",
+                              key=f"{item.destination}: {why}")
             return
         delay = backoff(item.attempts, settings.retry_initial_s, settings.retry_max_s)
         self.store.mark_retry(item.id, now + delay, reason)
         self.metrics.send_attempts.labels(destination=item.destination, result="retry").inc()
-        log.warning("result %s to %s failed (%s); retry in %.0f s", item.sop_uid,
-                    item.destination, reason, delay)
+        log.debug("result %s to %s failed (%s); retry in %.0f s", item.sop_uid,
+                  item.destination, reason, delay)

@@ -1,6 +1,7 @@
 """C-STORE SCU: send result files to a DICOM peer on one association.
 
-Files are sent as written (pynetdicom reads and sends the encoded dataset),
+Files are sent as written (pynetdicom reads and sends the encoded dataset,
+once the service entry point called pynetdicom_compat.configure_process),
 and our socket sets TCP_NODELAY so a dcmtk or Orthanc peer never makes us wait
 on delayed ACKs.  Failures raise SendError with ``retryable`` set so the
 outbox decides from fields, not from message text.
@@ -9,24 +10,24 @@ outbox decides from fields, not from message text.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom import dcmread
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
-from pynetdicom.transport import AssociationSocket
 
 from dicom_node.config import Peer
 from dicom_node.errors import SendError
+from dicom_node.net import pynetdicom_compat as compat
+from dicom_node.net.pdu import BoundedPduReader, PduLimits, advertised_max_pdu
+from dicom_node.net.sockets import SEND_LOOP_DELAY, tune_socket
 from dicom_node.security.tls import TlsError, client_context
 
-__all__ = ["StoreRequest", "StoreOutcome", "send_files", "status_is_success", "tune_association"]
+__all__ = ["StoreRequest", "StoreOutcome", "send_files", "status_is_success"]
 
 log = logging.getLogger("dicom_node.send")
 
@@ -52,51 +53,28 @@ class StoreOutcome:
     reason: str
 
 
-# Send a file's encoded dataset as written instead of decoding and
-# re-encoding it (which cost more than the network in bench/send.py).  This
-# needs an accepted context with the file's exact transfer syntax; where the
-# peer only takes Implicit VR we send a decoded dataset instead (_store_one).
-_config.STORE_SEND_CHUNKED_DATASET = True
-
-# pynetdicom's DUL thread sleeps this long when it finds nothing to do (1 ms
-# by default).  Each C-STORE round trip of a sender hits several such idle
-# checks, so a shorter nap sends measurably faster (bench/send.py); the
-# receiver keeps the default, where many idle associations would spin.
-SEND_LOOP_DELAY = 0.0002
-RECEIVE_LOOP_DELAY = 0.001
-
-
 def status_is_success(status: int) -> bool:
     # 0x0000 success; 0xB000, 0xB006, 0xB007 warnings: the peer stored it.
     return status == 0x0000 or (status & 0xF000) == 0xB000
 
 
-def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """AssociationSocket.recv without its 4 KiB reads: a 512 KiB CT slice
-    took 128 recv calls and as many bytearray extensions; this fills one
-    buffer in place with as few calls as the kernel allows."""
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    nr_read = 0
-    sock = self.socket
-    while nr_read < nr_bytes:
-        n = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, 1 << 20))
-        if not n:
-            return buffer[:nr_read]
-        nr_read += n
-    return buffer
+def _tuner(limits: PduLimits, peer_name: str) -> evt.EventHandlerType:
+    """EVT_CONN_OPEN handler: no Nagle delay, a short DUL nap, socket
+    timeouts, and PDUs from the peer bounded by our maximum PDU."""
+    def on_violation(label: str, reason: str) -> None:
+        log.warning("association with %s aborted: %s", peer_name, reason)
 
-
-def tune_association(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: no Nagle delay, the DUL idle nap for our role,
-    and large socket reads, for this association only."""
-    transport = event.assoc.dul.socket
-    event.assoc.dul._run_loop_delay = SEND_LOOP_DELAY if event.assoc.is_requestor else RECEIVE_LOOP_DELAY
-    if transport is None or transport.socket is None:
-        return
-    transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if not isinstance(transport.socket, ssl.SSLSocket):
-        transport.recv = types.MethodType(_recv_exact, transport)
+    def tune(event: evt.Event) -> None:
+        assoc = event.assoc
+        compat.set_loop_delay(assoc, SEND_LOOP_DELAY)
+        transport = assoc.dul.socket
+        if transport is None or transport.socket is None:
+            return
+        tune_socket(transport.socket, limits.network_timeout_s)
+        reader = BoundedPduReader(transport.socket, limits, on_violation,
+                                  lambda: bool(assoc.is_established))
+        compat.install_pdu_reader(assoc, reader)
+    return (evt.EVT_CONN_OPEN, tune)
 
 
 def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
@@ -104,7 +82,8 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     """Send on one association.  Raises SendError when no association could be
     made; per-object failures come back as outcomes."""
     ae = AE(ae_title=calling_ae)
-    ae.maximum_pdu_size = max_pdu
+    ae.maximum_pdu_size = advertised_max_pdu(max_pdu)
+    limits = PduLimits(max_pdu=advertised_max_pdu(max_pdu), network_timeout_s=timeout_s)
     ae.connection_timeout = timeout_s
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
@@ -115,7 +94,7 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     # One context per syntax, so the peer can accept the exact one our files use.
     contexts = [build_context(c, [ts]) for c in classes for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
     assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, tune_association)],
+                         evt_handlers=[_tuner(limits, peer.name)],
                          tls_args=_tls_args(peer))
     if assoc.is_rejected:
         raise SendError(peer.name, f"association rejected by {peer.ae_title}", retryable=False)

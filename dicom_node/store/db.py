@@ -15,11 +15,16 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Iterator
 
+from dicom_node.errors import JobStateError
+
 __all__ = [
     "Store",
+    "JobState",
+    "OutboxState",
     "InstanceRecord",
     "SeriesRecord",
     "Job",
@@ -73,7 +78,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     series_uids    TEXT NOT NULL,
     generation     INTEGER NOT NULL,
     calling_ae     TEXT NOT NULL,
-    -- queued -> running -> done | failed | skipped
+    -- queued -> running -> done | failed | skipped | held;
+    -- held -> done (released by an operator) | discarded
     state          TEXT NOT NULL DEFAULT 'queued',
     attempts       INTEGER NOT NULL DEFAULT 0,
     worker         TEXT,
@@ -82,6 +88,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at     REAL,
     finished_at    REAL,
     completed_at   REAL NOT NULL,
+    -- a job deferred after a full disk is not claimed before this time
+    not_before     REAL,
+    deferrals      INTEGER NOT NULL DEFAULT 0,
     UNIQUE(route, group_key, generation)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -93,7 +102,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     path           TEXT NOT NULL,
     sop_uid        TEXT NOT NULL,
     sop_class      TEXT NOT NULL,
-    -- pending -> sent | dead
+    -- pending -> sent | dead; held -> pending (released) | discarded
     state          TEXT NOT NULL DEFAULT 'pending',
     attempts       INTEGER NOT NULL DEFAULT 0,
     next_at        REAL NOT NULL,
@@ -103,7 +112,55 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE(destination, sop_uid, job_id)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_at);
+
+-- readiness writes and deletes one row here (the older _probe table had no row)
+CREATE TABLE IF NOT EXISTS _write_probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
+
+# Columns added after the first release: (table, column, declaration).  A
+# database made by an older version gets them at open; CREATE TABLE above has
+# them for new ones.
+_ADDED_COLUMNS = [
+    ("jobs", "not_before", "REAL"),
+    ("jobs", "deferrals", "INTEGER NOT NULL DEFAULT 0"),
+]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, decl in _ADDED_COLUMNS:
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column in have:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        except sqlite3.OperationalError as exc:
+            # Another process opening the same database added it first.
+            if "duplicate column" not in str(exc):
+                raise
+
+
+class JobState(StrEnum):
+    """A job's ``state`` column.  StrEnum, so members compare equal to the
+    plain strings the rest of the node and the database use."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    # The pipeline found its result implausible: written, never sent, until
+    # an operator releases (-> done) or discards it.
+    HELD = "held"
+    DISCARDED = "discarded"
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+    # Results of a held job: the dispatcher only sends pending items.
+    HELD = "held"
+    DISCARDED = "discarded"
 
 
 @dataclass(frozen=True)
@@ -149,6 +206,8 @@ class Job:
     attempts: int
     reason: str | None
     completed_at: float
+    # Times the job was queued again after a full disk (not attempts).
+    deferrals: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,6 +246,7 @@ class Store:
         self._local = threading.local()
         # executescript manages its own transaction.
         self._conn().executescript(_SCHEMA)
+        _add_missing_columns(self._conn())
 
     # -- plumbing -------------------------------------------------------------
 
@@ -221,9 +281,13 @@ class Store:
             self._local.conn = None
 
     def check_writable(self) -> None:
-        """Raise if the database cannot take a write (for readiness)."""
+        """Raise if the database cannot take a write (for readiness).  A row
+        is written and deleted, so the commit really appends to the WAL and
+        syncs it; a statement that changes nothing (CREATE TABLE IF NOT
+        EXISTS) commits without writing a page and passes on a full disk."""
         with self._tx() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS _probe (x)")
+            db.execute("INSERT OR REPLACE INTO _write_probe (id, at) VALUES (1, ?)", (time.time(),))
+            db.execute("DELETE FROM _write_probe WHERE id=1")
 
     # -- receive ----------------------------------------------------------------
 
@@ -358,7 +422,8 @@ class Store:
                    VALUES (?,?,?,?,?,?,?,?,?)
                    ON CONFLICT(route, group_key, generation) DO UPDATE SET
                        series_uids=excluded.series_uids, state='queued', attempts=0,
-                       reason=NULL, completed_at=excluded.completed_at
+                       reason=NULL, completed_at=excluded.completed_at,
+                       not_before=NULL, deferrals=0
                    RETURNING id""",
                 (route, pipeline, model, group_key, json.dumps(uids), generation,
                  series[0].calling_ae, now, now))
@@ -371,27 +436,42 @@ class Store:
         with self._tx() as db:
             row = db.execute(
                 """UPDATE jobs SET state='running', worker=?, started_at=?, attempts=attempts+1
-                   WHERE id=(SELECT id FROM jobs WHERE state='queued' ORDER BY id LIMIT 1)
-                   RETURNING *""", (worker, now)).fetchone()
+                   WHERE id=(SELECT id FROM jobs WHERE state='queued'
+                             AND (not_before IS NULL OR not_before <= ?) ORDER BY id LIMIT 1)
+                   RETURNING *""", (worker, now, now)).fetchone()
         return _job(row) if row else None
+
+    def defer_job(self, job_id: int, not_before: float, reason: str) -> bool:
+        """Queue a running job again, not to be claimed before ``not_before``
+        (after a full disk).  The attempt it used is given back: a transient
+        condition of the node must not use up ``jobs.max_attempts``."""
+        with self._tx() as db:
+            cur = db.execute(
+                """UPDATE jobs SET state='queued', worker=NULL, not_before=?, reason=?,
+                       attempts=MAX(attempts-1, 0), deferrals=deferrals+1
+                   WHERE id=? AND state='running'""", (not_before, reason, job_id))
+        return cur.rowcount == 1
 
     def finish_job(self, job_id: int, state: str, reason: str | None = None,
                    results: list[tuple[str, str, str, str]] = (),
                    now: float | None = None) -> None:
         """End a job.  ``results`` are (destination, path, sop_uid, sop_class) rows
         queued in the outbox in the same transaction, so a crash either keeps
-        both or neither."""
+        both or neither.  A held job's results are recorded as held: the row
+        state follows the job state, so a held job can never have an item
+        the dispatcher would send."""
         now = time.time() if now is None else now
+        item_state = OutboxState.HELD if state == JobState.HELD else OutboxState.PENDING
         with self._tx() as db:
             db.execute("UPDATE jobs SET state=?, reason=?, finished_at=? WHERE id=?",
                        (state, reason, now, job_id))
             db.executemany(
                 """INSERT INTO outbox (job_id, destination, path, sop_uid, sop_class,
-                       next_at, created_at) VALUES (?,?,?,?,?,?,?)
+                       state, next_at, created_at) VALUES (?,?,?,?,?,?,?,?)
                    ON CONFLICT(destination, sop_uid, job_id) DO UPDATE SET
-                       path=excluded.path, state='pending', attempts=0,
+                       path=excluded.path, state=excluded.state, attempts=0,
                        next_at=excluded.next_at""",
-                [(job_id, d, p, u, c, now, now) for d, p, u, c in results])
+                [(job_id, d, p, u, c, str(item_state), now, now) for d, p, u, c in results])
 
     def requeue_running(self, worker: str | None = None, max_attempts: int = 3,
                         reason: str = "worker stopped") -> list[int]:
@@ -435,10 +515,63 @@ class Store:
         return row[0]
 
     def requeue_job(self, job_id: int) -> bool:
+        """Queue an ended job again; False when unknown, queued or running.
+        A held job is refused with JobStateError: rerunning it would replace
+        the implausible result under review, which an operator releases or
+        discards instead."""
         with self._tx() as db:
-            cur = db.execute("""UPDATE jobs SET state='queued', attempts=0, reason=NULL, worker=NULL
-                                WHERE id=? AND state IN ('failed','done','skipped')""", (job_id,))
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is not None and row["state"] == JobState.HELD:
+                raise JobStateError(f"job {job_id} is held (implausible result): release it "
+                                    f"with --release {job_id} or discard it with --discard {job_id}")
+            cur = db.execute("""UPDATE jobs SET state='queued', attempts=0, reason=NULL, worker=NULL,
+                                not_before=NULL, deferrals=0
+                                WHERE id=? AND state IN ('failed','done','skipped','discarded')""",
+                             (job_id,))
         return cur.rowcount == 1
+
+    def release_job(self, job_id: int, now: float | None = None) -> list[OutboxItem]:
+        """An operator accepts a held result: its outbox items become pending
+        (sent by the dispatcher as any other) and the job done, its reason
+        kept.  Returns the released items; JobStateError if the job is not held."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            reason = self._held_reason(db, job_id)
+            # created_at restarts: the dead-letter age counts from the release,
+            # not from a hold that may have lasted days.
+            rows = db.execute(
+                """UPDATE outbox SET state='pending', next_at=?, created_at=?, attempts=0
+                   WHERE job_id=? AND state='held' RETURNING *""",
+                (now, now, job_id)).fetchall()
+            db.execute("UPDATE jobs SET state='done', reason=?, finished_at=? WHERE id=?",
+                       (f"released by operator after: {reason}", now, job_id))
+        return [_outbox(r) for r in rows]
+
+    def discard_job(self, job_id: int, now: float | None = None) -> list[OutboxItem]:
+        """An operator rejects a held result: its outbox items and the job
+        become discarded.  Returns the items, whose files the caller removes
+        (after the commit: a crash between leaves files retention removes,
+        never a row pointing at a missing file that could be sent)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            self._held_reason(db, job_id)
+            rows = db.execute(
+                """UPDATE outbox SET state='discarded'
+                   WHERE job_id=? AND state='held' RETURNING *""", (job_id,)).fetchall()
+            db.execute("UPDATE jobs SET state='discarded', finished_at=? WHERE id=?",
+                       (now, job_id))
+        return [_outbox(r) for r in rows]
+
+    @staticmethod
+    def _held_reason(db: sqlite3.Connection, job_id: int) -> str:
+        """The reason of a held job, inside the caller's transaction; raises
+        JobStateError naming the state of a job that is not held."""
+        row = db.execute("SELECT state, reason FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise JobStateError(f"job {job_id} not found")
+        if row["state"] != JobState.HELD:
+            raise JobStateError(f"job {job_id} is {row['state']}, not held")
+        return row["reason"] or ""
 
     # -- outbox -----------------------------------------------------------------
 
@@ -494,13 +627,14 @@ class Store:
     # -- retention ----------------------------------------------------------------
     # A series is expired when nothing can need its instances any more: it is
     # not receiving, its last instance came before the cutoff, and every job
-    # that includes it has ended (done, failed, skipped) before the cutoff.  A
-    # series no route matched has no job and expires on age alone.
+    # that includes it has ended (done, failed, skipped, discarded) before the
+    # cutoff.  A held job has not ended: its input stays for the operator's
+    # review.  A series no route matched has no job and expires on age alone.
 
     _SERIES_EXPIRED = """s.state != 'receiving' AND s.last_at < :cutoff
         AND s.series_uid NOT IN (
             SELECT u.value FROM jobs j, json_each(j.series_uids) u
-            WHERE j.state NOT IN ('done', 'failed', 'skipped')
+            WHERE j.state NOT IN ('done', 'failed', 'skipped', 'discarded')
                OR j.finished_at IS NULL OR j.finished_at >= :cutoff)"""
 
     def expired_series(self, older_than: float, limit: int = 500) -> list[str]:
@@ -530,16 +664,17 @@ class Store:
 
     def expired_result_jobs(self, job_ids: list[int], older_than: float) -> list[int]:
         """Of ``job_ids``, the jobs whose result folder nothing needs: the job
-        ended before the cutoff and every outbox item of it is sent or dead,
-        also before the cutoff.  Unknown ids are never returned."""
+        ended before the cutoff and every outbox item of it is sent, dead or
+        discarded, also before the cutoff.  A held job's folder is never
+        returned: it is the result under review.  Unknown ids are never returned."""
         if not job_ids:
             return []
         marks = ",".join("?" * len(job_ids))
         rows = self._conn().execute(
             f"""SELECT j.id FROM jobs j WHERE j.id IN ({marks})
-                AND j.state IN ('done', 'failed', 'skipped') AND j.finished_at < ?
+                AND j.state IN ('done', 'failed', 'skipped', 'discarded') AND j.finished_at < ?
                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id
-                    AND (o.state NOT IN ('sent', 'dead')
+                    AND (o.state NOT IN ('sent', 'dead', 'discarded')
                          OR COALESCE(o.sent_at, o.created_at) >= ?))
                 ORDER BY j.id""", (*job_ids, older_than, older_than)).fetchall()
         return [r["id"] for r in rows]

@@ -15,6 +15,8 @@ from pathlib import Path
 __all__ = ["Spool", "is_valid_uid", "atomic_write", "fsync_dir"]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# One page: the smallest write that needs a free block.
+_PROBE_BYTES = 4096
 
 
 def is_valid_uid(value: object) -> bool:
@@ -83,6 +85,59 @@ class Spool:
                 fsync_dir(folder.parent)
                 fsync_dir(folder.parent.parent)
         atomic_write(path, data, self.tmp, durable=self.durable)
+
+    def adopt(self, src: Path, path: Path) -> None:
+        """Move a complete file already in ``self.tmp`` (a dataset the
+        receiver wrote there as it arrived) to ``path`` with write()'s
+        guarantees but no copy: fsync it, rename it over any earlier copy,
+        fsync the folder.  ``src`` must be on the spool's file system."""
+        folder = path.parent
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.durable:
+                fsync_dir(folder.parent)
+                fsync_dir(folder.parent.parent)
+        if self.durable:
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(src, path)
+        if self.durable:
+            fsync_dir(folder)
+
+    def sync_folder(self, folder: Path) -> None:
+        fsync_dir(folder)
+
+    def remove_superseded(self, old_rel: str, new_rel: str) -> bool:
+        """Remove the earlier copy of an instance received again under another
+        path (another series), once the store points at the new one.  The
+        removal is made durable; a crash before it leaves a stale copy that
+        reconciliation recognises as older and removes.  True if removed."""
+        if old_rel == new_rel:
+            return False
+        old = self.root / old_rel
+        try:
+            old.unlink()
+        except FileNotFoundError:
+            return False
+        if self.durable:
+            fsync_dir(old.parent)
+        return True
+
+    def check_writable(self) -> None:
+        """Raise OSError unless a small file can be created, synced and removed
+        in the spool (for readiness): a full or read-only file system fails
+        here as the receiver's next write would."""
+        probe = self.tmp / f"probe-{uuid.uuid4().hex}.part"  # .part: cleaned at start
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.write(fd, b"\0" * _PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
 
     def clean_temporary(self) -> int:
         """Remove orphans of writes interrupted by a crash; returns how many."""

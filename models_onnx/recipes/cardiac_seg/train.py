@@ -320,9 +320,8 @@ def write_manifest(args: argparse.Namespace, digest: str, quality: dict, wall_s:
         "outputs": [{"name": "output", "shape": [None, 4, None, None], "dtype": "float32",
                      "layout": "NCHW"}],
         "normalization": {"kind": "zscore"},
-        "input_size": None,
-        "size_multiple": SIZE_MULTIPLE,
-        "pixel_spacing_mm": [args.spacing, args.spacing],
+        "geometry": {"fit": "dynamic", "size_multiple": SIZE_MULTIPLE,
+                     "pixel_spacing_mm": [args.spacing, args.spacing]},
         "segmentation": {
             "output_kind": "logits",
             "labels": [

@@ -428,10 +428,10 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
         "outputs": [{"name": "output", **tensor}],
         "normalization": {"kind": "linear", "offset": NORM_OFFSET, "scale": NORM_SCALE,
                           "clip": list(NORM_CLIP)},
-        "input_size": None,
-        "size_multiple": FACTOR,
-        "pixel_spacing_mm": [PIXEL_MM, PIXEL_MM],
-        "image_to_image": {"context_slices": 0, "tile": None, "tile_overlap": 0},
+        "geometry": {"fit": "dynamic", "size_multiple": FACTOR,
+                     "pixel_spacing_mm": [PIXEL_MM, PIXEL_MM]},
+        "image_to_image": {"kind": "clean", "context_slices": 0},
+        "plausible": {"roi_mean_shift_hu": [0, 30]},
         "quality": {
             "test_set": {
                 "kind": "synthetic chest phantoms (dicom_node.synthetic.ct_phantom.make_slice)",

@@ -1,0 +1,407 @@
+"""Every use of pynetdicom's private internals, in one guarded place.
+
+Each patch below names what it relies on, and ``check()`` (run at import)
+verifies that those attributes still exist with the expected shape.  A
+pynetdicom release that renames or restructures them makes this import fail
+loudly, naming the patch, instead of silently doing nothing (a renamed
+``_run_loop_delay`` would just be a new attribute) or corrupting behaviour.
+pyproject.toml pins pynetdicom to the versions tests/test_pynetdicom_compat.py
+covers (and tests/test_hostile_peers.py runs against real peers).
+
+Upstreamable: ``SharedContexts`` (a supported-contexts copy that does not
+deep-copy), ``NodeServer.get_request`` (TLS handshake off the accept thread)
+and the bounded reader (a length check in ``DULServiceProvider._read_pdu_data``
+plus a ``recv_into`` based ``AssociationSocket.recv``) would each be a small
+pull request to pynetdicom; until then they live here.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import pynetdicom
+from pynetdicom import _config, dimse_messages, dul, evt, service_class, transport
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
+
+from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
+
+__all__ = ["SUPPORTED", "CompatError", "check", "SharedContexts", "set_loop_delay",
+           "install_pdu_reader", "NodeServer", "server_class", "register_server",
+           "configure_process", "discard_partial_dataset", "received_write_error"]
+
+log = logging.getLogger("dicom_node.net")
+
+# The versions the tests cover (pyproject.toml pins the same range).
+SUPPORTED = ((3, 0), (3, 1))
+
+
+# What pynetdicom's DUL logs (at ERROR, once per connection) after our PDU
+# reader aborted a connection: the reason is already logged, rate-limited.
+_SHORT_READ = ("The received PDU is shorter than expected",
+               "Connection closed before the entire PDU was received")
+
+
+class CompatError(ImportError):
+    """pynetdicom changed under a patch; the message names the patch."""
+
+
+def _source(obj: object) -> str:
+    try:
+        return inspect.getsource(obj)  # type: ignore[arg-type]
+    except (OSError, TypeError) as exc:
+        raise CompatError(f"cannot read the source of {obj!r} to check a patch: {exc}") from exc
+
+
+def _require(patch: str, condition: bool, what: str) -> None:
+    if not condition:
+        raise CompatError(f"pynetdicom {pynetdicom.__version__}: patch {patch!r} no longer "
+                          f"applies: {what}. Update dicom_node/net/pynetdicom_compat.py.")
+
+
+def check() -> None:
+    """Verify every assumption the patches make; raises CompatError."""
+    version = tuple(int(p) for p in pynetdicom.__version__.split(".")[:2])
+    _require("version", SUPPORTED[0] <= version < SUPPORTED[1],
+             f"supported {SUPPORTED[0]} <= version < {SUPPORTED[1]}")
+    _require("SharedContexts", "deepcopy(self.server.contexts)"
+             in _source(transport.RequestHandler._create_association),
+             "RequestHandler._create_association no longer deep-copies server.contexts")
+    _require("set_loop_delay", "self._run_loop_delay" in _source(dul.DULServiceProvider.__init__)
+             and "time.sleep(self._run_loop_delay)" in _source(dul.DULServiceProvider.run_reactor),
+             "DULServiceProvider._run_loop_delay is gone")
+    reader = _source(dul.DULServiceProvider._read_pdu_data)
+    _require("install_pdu_reader", "self.socket.recv(6)" in reader
+             and "self.socket.recv(pdu_length)" in reader
+             and all(message in reader for message in _SHORT_READ)
+             and list(inspect.signature(transport.AssociationSocket.recv).parameters) == ["self", "nr_bytes"],
+             "the DUL no longer reads a PDU as recv(6) then recv(pdu_length)")
+    _require("NodeServer.get_request",
+             list(inspect.signature(AssociationServer.get_request).parameters) == ["self"]
+             and "wrap_socket" in _source(AssociationServer.get_request)
+             and "process_request_thread" in vars(ThreadedAssociationServer),
+             "AssociationServer.get_request or process_request_thread changed")
+    _require("register_server", "self._servers" in _source(ApplicationEntity.__init__)
+             and "self.ae._servers.remove" in _source(AssociationServer.shutdown),
+             "ApplicationEntity._servers is gone")
+    _require("configure_process", isinstance(getattr(_config, "STORE_SEND_CHUNKED_DATASET", None), bool)
+             and isinstance(getattr(_config, "STORE_RECV_CHUNKED_DATASET", None), bool),
+             "_config.STORE_SEND/RECV_CHUNKED_DATASET are gone")
+    _require("configure_process(receive_tmp_dir)",
+             getattr(dimse_messages, "NamedTemporaryFile", None) is not None
+             and "NamedTemporaryFile(delete=False" in _source(dimse_messages.DIMSEMessage.decode_msg),
+             "DIMSEMessage.decode_msg no longer writes datasets with NamedTemporaryFile")
+    _require("adopting the received file", "os.unlink(req._dataset_file.name)"
+             in _source(service_class.StorageServiceClass.SCP),
+             "StorageServiceClass.SCP no longer removes the received file after the handler")
+    _require("discard_partial_dataset", "_data_set_file" in _source(dimse_messages.DIMSEMessage.__init__)
+             and "self.message" in _source(pynetdicom.dimse.DIMSEServiceProvider.receive_primitive),
+             "DIMSEMessage._data_set_file is gone")
+
+
+check()
+
+
+# -- 1. supported contexts shared between associations ---------------------------
+
+class SharedContexts(list):
+    """The server's supported contexts, copied shallowly per association.
+
+    pynetdicom deep-copies them for every association (relies on
+    ``RequestHandler._create_association`` calling ``deepcopy``); with 170
+    storage classes times every transfer syntax that took ~0.15 s of CPU per
+    association, capping one-instance associations (what many modalities
+    send) at a few per second.  Negotiation only reads them, so one copy of
+    each context object, sharing its syntax list, is enough.
+    """
+
+    def __deepcopy__(self, memo: dict) -> list:
+        return [copy.copy(cx) for cx in self]
+
+
+# -- 2. the DUL's idle nap ---------------------------------------------------------
+
+def set_loop_delay(assoc: Association, delay_s: float) -> None:
+    """How long this association's DUL thread sleeps when idle (private
+    ``DULServiceProvider._run_loop_delay``; pynetdicom has no setting)."""
+    assoc.dul._run_loop_delay = delay_s
+
+
+# -- 3. the bounded PDU reader -------------------------------------------------------
+
+def install_pdu_reader(assoc: Association, reader: BoundedPduReader) -> None:
+    """Make this association's transport read PDUs through ``reader``
+    (replaces ``AssociationSocket.recv`` on the instance)."""
+    transport_socket = assoc.dul.socket
+    if transport_socket is None:
+        raise ValueError("association has no transport socket yet")
+    transport_socket.recv = types.MethodType(lambda _self, n: reader.recv(n), transport_socket)
+
+
+# -- 4. the server: TLS handshake in the connection's thread, a connection cap -----
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with three changes.
+
+    * ``get_request`` without ``super()``: with TLS pynetdicom would run the
+      handshake there, in the one thread that accepts, where a silent client
+      stalls every other.  The handshake runs in the connection's thread,
+      within the network timeout.
+    * ``verify_request`` asks ``admit`` (set by the receiver) before a thread
+      is started, so connections beyond the cap cost no thread.
+    * ``open_connections`` counts connections still negotiating as well as
+      established ones.
+    """
+
+    reuse_port = False  # set on a subclass by server_class(), never mutated here
+    # The listen backlog (socketserver's default is 5): a burst of connects
+    # waits in the kernel, costing no thread, until accepted or refused by
+    # admit(); with 5, the rest of a burst waits on SYN retries instead.
+    request_queue_size = 128
+    # Set by the receiver.  admit(sock, address, open_connections) -> bool
+    admit: Callable[[socket.socket, Any, int], bool] | None = None
+    on_tls_failure: Callable[[Any, str], None] | None = None
+
+    def server_bind(self) -> None:
+        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:  # type: ignore[override]
+        client, address = self.socket.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    # -- connection cap ---------------------------------------------------------
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._count_lock = threading.Lock()
+        # Accepted, not yet handed to an Association (TLS handshake, set-up).
+        self._pending: set[int] = set()
+        # Handed over: counted until their thread has ended.
+        self._handed: set[Association] = set()
+        self.bind(evt.EVT_CONN_OPEN, self._handed_over)
+
+    def open_connections(self) -> int:
+        """Connections open now: negotiating or established."""
+        with self._count_lock:
+            return self._count()
+
+    def _count(self) -> int:
+        # ident is None: created, thread not started yet (still ours to count).
+        self._handed = {a for a in self._handed if a.ident is None or a.is_alive()}
+        return len(self._pending) + len(self._handed)
+
+    def _handed_over(self, event: evt.Event) -> None:
+        # EVT_CONN_OPEN, in the connection's thread just before the
+        # Association's thread starts: moves it from pending to handed over
+        # in one step, so it is never counted twice or not at all.
+        transport_socket = event.assoc.dul.socket
+        with self._count_lock:
+            if transport_socket is not None:
+                self._pending.discard(id(transport_socket.socket))
+            self._handed.add(event.assoc)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._count_lock:
+            count = self._count()
+        if self.admit is not None and not self.admit(request, client_address, count):
+            return False
+        with self._count_lock:
+            self._pending.add(id(request))
+        return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            if isinstance(request, ssl.SSLSocket) and not self._tls_handshake(request, client_address):
+                self.shutdown_request(request)
+                return
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:  # no-op once handed over
+                self._pending.discard(id(request))
+
+    def _tls_handshake(self, sock: ssl.SSLSocket, address: Any) -> bool:
+        """Finish the handshake within the network timeout.  A failure (bad or
+        missing client certificate, a plain DICOM client, a timeout) closes
+        this connection only and is reported; the server keeps serving."""
+        previous = sock.gettimeout()
+        sock.settimeout(self.ae.network_timeout)
+        try:
+            sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:  # socket.timeout and resets are OSErrors
+            if self.on_tls_failure is not None:
+                self.on_tls_failure(address, tls_reason(exc))
+            return False
+        sock.settimeout(previous)
+        return True
+
+
+def tls_reason(exc: BaseException) -> str:
+    """OpenSSL's reason, e.g. 'CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate'."""
+    if isinstance(exc, socket.timeout):
+        return "no TLS handshake within the network timeout"
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    detail = getattr(exc, "verify_message", None)
+    return f"{reason}: {detail}" if detail else str(reason)
+
+
+_SERVER_CLASSES: dict[bool, type[NodeServer]] = {}
+
+
+def server_class(*, reuse_port: bool) -> type[NodeServer]:
+    """The server class for ``AE.make_server``.  SO_REUSEPORT (several
+    receiver processes on one port) must be set before bind, which runs in
+    the constructor, so it is a class attribute of a subclass made once per
+    value instead of a mutation of NodeServer shared by every server."""
+    if reuse_port not in _SERVER_CLASSES:
+        _SERVER_CLASSES[reuse_port] = type("NodeServerReusePort" if reuse_port else "NodeServerOwnPort",
+                                           (NodeServer,), {"reuse_port": reuse_port})
+    return _SERVER_CLASSES[reuse_port]
+
+
+def register_server(ae: ApplicationEntity, server: AssociationServer) -> None:
+    """Record a server we started ourselves (``make_server`` plus our own
+    thread, as ``AE.start_server`` does) so ``AE.shutdown`` and
+    ``server.shutdown`` (which removes it from the private ``ae._servers``)
+    treat it as theirs."""
+    ae._servers.append(server)  # type: ignore[arg-type]
+
+
+# -- 5. process-wide switches (set once, by the service entry points) --------------
+
+_receive_tmp_dir: Path | None = None
+
+
+# Received files whose writing failed (disk full), by path: the C-STORE
+# handler answers 0xA700 for them instead of pynetdicom's thread dying with
+# the OSError and aborting the association.
+_write_failures: dict[str, OSError] = {}
+
+
+class _ReceiveFile:
+    """The file pynetdicom writes a received dataset into, which keeps an
+    OSError (ENOSPC, EIO) for the handler instead of raising it in the DUL
+    thread.  Upstreamable as an error path in DIMSEMessage.decode_msg."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self._fh: IO[bytes] | None = None
+        try:
+            self._fh = tempfile.NamedTemporaryFile(mode="wb", delete=False, dir=tmp_dir,
+                                                   prefix="recv-", suffix=".part")
+            self.name = self._fh.name
+        except OSError as exc:
+            self.name = str(tmp_dir / f"recv-failed-{id(self)}.part")
+            _write_failures[self.name] = exc
+
+    @property
+    def file(self) -> "_ReceiveFile":  # pynetdicom calls .file.flush()
+        return self
+
+    def _guard(self, op: Callable[[], Any]) -> None:
+        if self._fh is None or self.name in _write_failures:
+            return
+        try:
+            op()
+        except OSError as exc:
+            _write_failures[self.name] = exc
+            try:  # give the space back at once; the handler refuses this one
+                self._fh.truncate(0)
+            except OSError:
+                pass
+
+    def write(self, data: bytes) -> int:
+        self._guard(lambda: self._fh.write(data))  # type: ignore[union-attr]
+        return len(data)
+
+    def flush(self) -> None:
+        self._guard(lambda: self._fh.flush())  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError as exc:
+                _write_failures.setdefault(self.name, exc)
+
+
+def received_write_error(path: Path) -> OSError | None:
+    """The error that cut short writing this received dataset, if any (and forget it)."""
+    return _write_failures.pop(str(path), None)
+
+
+def _temporary_file(tmp_dir: Path) -> Callable[..., Any]:
+    def make(*_args: Any, **_kwargs: Any) -> _ReceiveFile:
+        # In the spool's .tmp: the same file system, so adopting a received
+        # file is a rename, and *.part so an interrupted one is cleaned at start.
+        return _ReceiveFile(tmp_dir)
+    return make
+
+
+def configure_process(*, send_chunked: bool, receive_tmp_dir: Path | None = None) -> None:
+    """Set pynetdicom's process-wide switches.
+
+    ``send_chunked``: send a file's encoded dataset as written instead of
+    decoding and re-encoding it (which cost more than the network in
+    bench/send.py); needs an accepted context with the file's exact syntax
+    (send/scu.py falls back to a decoded dataset otherwise).
+    ``receive_tmp_dir``: write every received C-STORE dataset to a file in
+    this folder (STORE_RECV_CHUNKED_DATASET; the handler gets its path)
+    instead of holding it in memory."""
+    global _receive_tmp_dir
+    _config.STORE_SEND_CHUNKED_DATASET = send_chunked
+    _quiet_our_aborts()
+    if receive_tmp_dir is None:
+        return
+    receive_tmp_dir.mkdir(parents=True, exist_ok=True)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _temporary_file(receive_tmp_dir)  # type: ignore[attr-defined]
+    _receive_tmp_dir = receive_tmp_dir
+
+
+
+
+class _OurAbortFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (aborted_in_this_thread() and str(record.msg).startswith(_SHORT_READ))
+
+
+def _quiet_our_aborts() -> None:
+    dul_log = logging.getLogger(dul.__name__)
+    if not any(isinstance(f, _OurAbortFilter) for f in dul_log.filters):
+        dul_log.addFilter(_OurAbortFilter())
+
+
+def receive_tmp_dir() -> Path | None:
+    """Where received datasets are written (None: configure_process not called)."""
+    return _receive_tmp_dir if _config.STORE_RECV_CHUNKED_DATASET else None
+
+
+def discard_partial_dataset(assoc: Association) -> None:
+    """Remove the file of a C-STORE dataset whose transfer the association
+    ended in the middle of (pynetdicom removes it only after the handler ran,
+    so an abort would leave it until the next start)."""
+    message = getattr(assoc.dimse, "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    if handle is None:
+        return
+    try:
+        handle.close()
+    except (OSError, ValueError):
+        pass
+    Path(handle.name).unlink(missing_ok=True)

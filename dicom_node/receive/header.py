@@ -1,0 +1,199 @@
+"""The header attributes the receiver needs, read from a received file
+without loading or inflating the whole dataset.
+
+Reading stops after the last attribute we need (a tag above NumberOfSlices),
+values of other attributes are skipped with a seek, and a Deflated Explicit
+VR dataset is inflated in bounded steps: only its first HEADER_WINDOW bytes
+are kept, the rest is inflated only to measure it, and inflation stops (the
+instance is refused) as soon as the inflated size passes the bound.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import (
+    _read_file_meta_info,
+    read_dataset,
+    read_partial,
+    read_preamble,
+)
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from dicom_node.limits import PIXEL_TAGS, declared_pixel_bytes
+from dicom_node.receive.status import StoreStatus
+from dicom_node.store.spool import is_valid_uid
+
+__all__ = ["Header", "BadInstance", "InflateBound", "read_header", "read_header_dataset",
+           "HEADER_TAGS", "HEADER_WINDOW"]
+
+HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+               "Modality", "ImagesInAcquisition", "NumberOfSlices", *PIXEL_TAGS]
+_TAGS = [Tag(k) for k in HEADER_TAGS]
+_LAST_TAG = max(_TAGS)  # (0054,0081) NumberOfSlices
+
+# Inflated bytes of a deflated dataset kept for reading its header; the
+# attributes we need come long before this in any real dataset.
+HEADER_WINDOW = 4 * 1024 * 1024
+# A deflated dataset may always inflate to this much, whatever its ratio:
+# small highly compressible instances (an empty SR, a blank frame) are fine.
+INFLATE_FLOOR = 64 * 1024 * 1024
+_READ = 256 * 1024
+_OUT = 1024 * 1024  # inflated bytes produced per step: the memory bound
+
+
+@dataclass(frozen=True)
+class Header:
+    sop_class: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    expected_count: int | None
+    # Decoded size the header declares (see dicom_node.limits).
+    pixel_bytes: int = 0
+    # From the file meta: what the sender's context used.
+    transfer_syntax: str = ""
+
+
+class BadInstance(Exception):
+    """The status to answer and why."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InflateBound:
+    """How far a deflated dataset may inflate (node.max_inflate_ratio and
+    node.max_pixel_bytes)."""
+
+    ratio: int
+    max_pixel_bytes: int
+
+    def limit(self, deflated_size: int) -> int:
+        by_ratio = max(INFLATE_FLOOR, self.ratio * deflated_size)
+        return min(by_ratio, self.max_pixel_bytes + INFLATE_FLOOR)
+
+
+def _after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _LAST_TAG
+
+
+def read_header(path: Path, bound: InflateBound) -> Header:
+    """Raises BadInstance with the status and reason to answer."""
+    try:
+        with path.open("rb") as fp:
+            ds, transfer_syntax, truncated = _read(fp, path.stat().st_size, bound)
+        values = {k: ds.get(k) for k in HEADER_TAGS}
+    except BadInstance:
+        raise
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError,
+            NotImplementedError, OverflowError, zlib.error) as exc:
+        raise BadInstance(StoreStatus.CANNOT_UNDERSTAND, f"unparseable dataset: {exc}") from exc
+    for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
+        value = values[key]
+        if value is None and truncated:
+            raise BadInstance(StoreStatus.CANNOT_UNDERSTAND,
+                              f"{key} not within the first {HEADER_WINDOW} inflated bytes")
+        if value is None or not is_valid_uid(str(value)):
+            raise BadInstance(StoreStatus.INVALID_UID, f"missing or invalid {key} {str(value)!r:.80}")
+    return Header(
+        sop_class=str(values["SOPClassUID"]), sop_uid=str(values["SOPInstanceUID"]),
+        study_uid=str(values["StudyInstanceUID"]), series_uid=str(values["SeriesInstanceUID"]),
+        modality=str(values["Modality"] or ""),
+        expected_count=_positive_int(values["ImagesInAcquisition"]) or _positive_int(values["NumberOfSlices"]),
+        pixel_bytes=declared_pixel_bytes(values),
+        transfer_syntax=transfer_syntax,
+    )
+
+
+def _read(fp: BinaryIO, size: int, bound: InflateBound) -> tuple[Dataset, str, bool]:
+    """(dataset of the header tags, transfer syntax, whether the inflated
+    window was cut before the header ended)."""
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    transfer_syntax = str(meta.get("TransferSyntaxUID", ""))
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+        fp.seek(0)
+        return read_partial(fp, stop_when=_after_header, specific_tags=_TAGS), transfer_syntax, False
+    deflated = size - fp.tell()
+    window, total = _inflate(fp, bound.limit(deflated), deflated)
+    ds = read_dataset(BytesIO(window), is_implicit_VR=False, is_little_endian=True,
+                      stop_when=_after_header, specific_tags=_TAGS)
+    return ds, transfer_syntax, total > len(window)
+
+
+def _inflate(fp: BinaryIO, limit: int, deflated: int) -> tuple[bytes, int]:
+    """Inflate the rest of ``fp`` (raw deflate, PS3.5 A.5) in bounded steps:
+    the first HEADER_WINDOW bytes and the inflated total.  Raises BadInstance
+    once the total passes ``limit``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    window = bytearray()
+    total = 0
+    while not inflater.eof:
+        data = inflater.unconsumed_tail or fp.read(_READ)
+        if not data:
+            break  # truncated stream: the header (if any) is still readable
+        out = inflater.decompress(data, _OUT)
+        total += len(out)
+        if total > limit:
+            raise BadInstance(StoreStatus.INFLATES_TOO_FAR,
+                              f"deflated dataset of {deflated} bytes inflates past {limit} bytes "
+                              f"(node.max_inflate_ratio, node.max_pixel_bytes)")
+        if len(window) < HEADER_WINDOW:
+            window += out[:HEADER_WINDOW - len(window)]
+    return bytes(window), total
+
+
+def _positive_int(value: object) -> int | None:
+    try:
+        n = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return n if n > 0 else None
+
+
+# Values longer than this stay on disk until asked for (routing reads only
+# short attributes), so a large private element costs no memory.
+_DEFER = 64 * 1024
+
+
+def _before_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag >= 0x7FE00010
+
+
+def read_header_dataset(path: Path) -> Dataset:
+    """Every attribute before the pixel data, for routing a spooled instance,
+    in bounded memory: a deflated dataset is inflated no further than
+    HEADER_WINDOW bytes (the receiver already refused those that inflate too
+    far), and long values are read lazily."""
+    with path.open("rb") as fp:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        if str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
+            fp.seek(0)
+            ds = read_partial(fp, stop_when=_before_pixels, defer_size=_DEFER)
+            ds.file_meta = meta
+            return ds
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        window = bytearray()
+        while len(window) < HEADER_WINDOW and not inflater.eof:
+            data = inflater.unconsumed_tail or fp.read(_READ)
+            if not data:
+                break
+            window += inflater.decompress(data, HEADER_WINDOW - len(window))
+    ds = read_dataset(BytesIO(bytes(window)), is_implicit_VR=False, is_little_endian=True,
+                      stop_when=_before_pixels)
+    ds.file_meta = meta
+    return ds
+

@@ -1,0 +1,205 @@
+"""The pipelines' fast paths give exactly what the plain code gives.
+
+Each speed-up (presentation through a lookup table, memoised highdicom IOD
+look-ups, derived images without deep copies, the ROI search over a thread
+pool, the capture's blend) is checked against the straightforward
+computation it replaces.
+"""
+
+from __future__ import annotations
+
+import copy
+from io import BytesIO
+
+import highdicom._standard_utils as su
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.filewriter import dcmwrite
+
+from dicom_node.config import load_config
+from dicom_node.encode import hd_cache
+from dicom_node.encode.derived import derived_image
+from dicom_node.encode.provenance import Provenance
+from dicom_node.infer.engine import ModelRegistry
+from dicom_node.pipelines import ct_quality, cxr_triage
+from dicom_node.synthetic import ct_phantom
+from dicom_node.synthetic.dicom_ct import ct_series
+from dicom_node.synthetic.dicom_dx import dx_image
+
+
+def _roundtrip(ds):
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    return dcmread(buf)
+
+
+def _radiograph(shape=(96, 80)) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    return np.clip(0.5 + 0.3 * np.sin(x / 9.0) * np.cos(y / 7.0) + rng.normal(0, 0.02, shape), 0, 1)
+
+
+@pytest.mark.parametrize("bits,monochrome1", [(12, False), (14, False), (16, False), (12, True), (16, True)])
+@pytest.mark.parametrize("variant", ["as sent", "no window", "sigmoid", "rescaled", "signed", "voi lut"])
+def test_presentation_by_lookup_table_is_bit_identical(bits, monochrome1, variant):
+    ds = _roundtrip(dx_image(_radiograph(), seed="lut", bits=bits, monochrome1=monochrome1))
+    if variant == "no window":
+        del ds.WindowCenter, ds.WindowWidth
+    elif variant == "sigmoid":
+        ds.VOILUTFunction = "SIGMOID"
+    elif variant == "rescaled":
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -100
+    elif variant == "signed":
+        shifted = ds.pixel_array.astype(np.int32) - (1 << (bits - 1))
+        ds.PixelRepresentation = 1
+        ds.PixelData = shifted.astype(np.int16).tobytes()
+        ds.WindowCenter = 0
+    elif variant == "voi lut":
+        from pydicom import Dataset
+        item = Dataset()
+        n = 256
+        item.LUTDescriptor = [n, 0, 16]
+        # Not monotonic: the extremes are not at the ends of the stored range.
+        item.add_new(0x00283006, "US", [int(v) for v in (32767 + 30000 * np.sin(np.arange(n) / 20.0))])
+        ds.VOILUTSequence = [item]
+    ds = _roundtrip(ds)
+    fast = cxr_triage.presentation(ds)
+    plain = cxr_triage._present(_roundtrip(ds).pixel_array, ds)
+    assert fast.dtype == plain.dtype == np.float32
+    assert np.array_equal(fast, plain)
+
+
+def test_memoised_iod_lookups_answer_as_highdicom_does():
+    ct, sr, sc = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
+    original = hd_cache._ORIGINAL
+    for uid in (ct, sr, sc):
+        for attribute in ("ContentDate", "PixelData", "NumberOfFrames", "FrameOfReferenceUID"):
+            assert su.is_attribute_in_iod(attribute, uid) == original["is_attribute_in_iod"](attribute, uid)
+            assert (su.is_attribute_in_iod(attribute, uid, ["IconImageSequence"])
+                    == original["is_attribute_in_iod"](attribute, uid, ["IconImageSequence"]))
+        assert su.does_iod_have_pixel_data(uid) == original["does_iod_have_pixel_data"](uid)
+    with pytest.raises(KeyError):
+        su.is_attribute_in_iod("PixelData", "1.2.3.4")
+    with pytest.raises(KeyError):
+        su.is_attribute_in_iod("PixelData", "1.2.3.4")  # errors are not cached
+
+
+def _deep_copy_derived(source, values, prov):
+    """derived_image as it was: every element deep-copied."""
+    from pydicom import Dataset
+
+    from dicom_node.encode import derived as d
+    ds = Dataset()
+    for elem in source:
+        if elem.tag.is_private or elem.keyword in d._DROP or elem.tag.group == 0x0002:
+            continue
+        ds.add(copy.deepcopy(elem))
+    ds.SOPInstanceUID = prov.uid("derived-image", "x")
+    ds.ImageType = ["DERIVED", "SECONDARY"] + list(source.get("ImageType", ["", ""]))[2:]
+    d._mark_derived(ds, prov, d._reference(source), series_uid="1.2.3", series_number=1001,
+                    series_description="AI", derivation="AI")
+    ds.InstanceCreationDate = ds.ContentDate
+    ds.InstanceCreationTime = ds.ContentTime
+    ds.PhotometricInterpretation = source.PhotometricInterpretation
+    return d.set_pixels(ds, d.stored_values(values, source))
+
+
+def _content(ds) -> bytes:
+    ds = copy.deepcopy(ds)
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    for item in ds.ContributingEquipmentSequence:
+        if "ContributionDateTime" in item:
+            del item.ContributionDateTime
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_derived_image_without_deep_copies_is_the_same_and_leaves_the_source_alone(syntax):
+    rng = np.random.default_rng(2)
+    hu = ct_phantom.make_slice(rng, size=64).low_dose_hu[None]
+    source = ct_series(hu, seed="derived")[0]
+    source.file_meta.TransferSyntaxUID = syntax  # implicit VR: raw elements carry no VR
+    source.SpecificCharacterSet = "ISO_IR 100"
+    source.PatientName = "Müller^Jörg"
+    source = _roundtrip(source)
+    assert source.file_meta.TransferSyntaxUID == syntax
+    _ = source.ImagePositionPatient, source.PixelSpacing  # some decoded, the rest raw
+    before = _content_of_source(source)
+    manifest = ModelRegistry(load_config().models_dir).manifest("ct_denoise")
+    prov = Provenance(manifest, "ct_denoise", str(source.SeriesInstanceUID), "CPUExecutionProvider")
+    values = hu[0] + 5
+    fast = derived_image(source, values, prov, index="x", series_uid="1.2.3", series_number=1001,
+                         series_description="AI", derivation="AI")
+    assert _content_of_source(source) == before
+    plain = _deep_copy_derived(_roundtrip(source), values, prov)
+    assert _content(fast) == _content(plain)
+
+
+def _content_of_source(ds) -> bytes:
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_parallel_roi_search_chooses_what_the_serial_one_does(monkeypatch):
+    vol = ct_phantom.make_volume(np.random.default_rng(3), 6, size=128)
+    spacing = (vol.pixel_mm, vol.pixel_mm) if np.isscalar(vol.pixel_mm) else vol.pixel_mm
+    parallel = ct_quality.choose_regions(vol.low_dose_hu, spacing)
+    monkeypatch.setattr(ct_quality, "_map", lambda fn, items: [fn(i) for i in items])
+    serial = ct_quality.choose_regions(vol.low_dose_hu, spacing)
+    assert parallel == serial
+
+
+def test_capture_blend_is_the_per_channel_formula():
+    import cv2
+    rng = np.random.default_rng(4)
+    grey = rng.integers(0, 256, (40, 30), dtype=np.uint8)
+    heat = rng.random((40, 30), dtype=np.float32)
+    colour = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    rgb = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
+    alpha = (0.45 * heat)[..., None]
+    plain = (rgb.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
+    assert np.array_equal(cxr_triage._overlay(grey, heat), plain)
+
+
+class _AsIfAccelerated:
+    """The CPU model reported as an accelerator's, so that the pipeline
+    takes its overlapped path (ROI search beside the inference)."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+        self.provider = "CUDAExecutionProvider"
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_ct_denoise_with_the_roi_search_beside_inference_gives_the_same_report():
+    from dicom_node.pipelines.base import PipelineInput, get_pipeline
+    vol = ct_phantom.make_volume(np.random.default_rng(1), 4, size=96)
+    sources = [_roundtrip(ds) for ds in ct_series(vol.low_dose_hu, seed="overlap", pixel_mm=vol.pixel_mm,
+                                                   slice_mm=vol.slice_mm)]
+    model = ModelRegistry(load_config().models_dir).get("ct_denoise")
+    pipeline = get_pipeline("ct_denoise")
+    inline = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], {}), model)
+    beside = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], {}), _AsIfAccelerated(model))
+    assert inline.summary == beside.summary and inline.held == beside.held
+
+    def measured(result):
+        sr = result.datasets[-1]
+        return [(str(i.ConceptNameCodeSequence[0].CodeMeaning), str(i.get("MeasuredValueSequence", [{}])[0]))
+                for i in _walk(sr)]
+    assert measured(inline) == measured(beside)
+    assert any("Mean" in name for name, _ in measured(inline))
+
+
+def _walk(ds):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _walk(item)

@@ -1,0 +1,218 @@
+"""Each patch of pynetdicom internals in dicom_node/net/pynetdicom_compat.py,
+and the import-time guard that fails loudly when pynetdicom changes under it.
+In-process and fast; the same patches run against real peers in
+test_hostile_peers.py, test_receive.py and test_tls.py."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import struct
+import threading
+import types
+from pathlib import Path
+
+import pynetdicom
+import pytest
+from pynetdicom import AE, _config, dimse_messages, dul
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
+
+from dicom_node.net import pynetdicom_compat as compat
+from dicom_node.net.pdu import HARD_MAX_PDU, BoundedPduReader, PduLimits, advertised_max_pdu
+
+
+# -- the guard -----------------------------------------------------------------------
+
+def test_check_passes_on_the_installed_pynetdicom():
+    compat.check()
+    low, high = compat.SUPPORTED
+    assert low <= tuple(int(p) for p in pynetdicom.__version__.split(".")[:2]) < high
+
+
+def test_check_fails_loudly_on_an_unsupported_version(monkeypatch):
+    monkeypatch.setattr(pynetdicom, "__version__", "4.0.0")
+    with pytest.raises(compat.CompatError, match="'version'"):
+        compat.check()
+
+
+def test_check_names_the_patch_whose_attribute_went_away(monkeypatch):
+    def renamed_init(self, assoc):  # a release that renamed _run_loop_delay
+        self.loop_delay = 0.001
+
+    monkeypatch.setattr(dul.DULServiceProvider, "__init__", renamed_init)
+    with pytest.raises(compat.CompatError, match="set_loop_delay"):
+        compat.check()
+
+
+def test_check_notices_a_changed_pdu_read(monkeypatch):
+    def reads_differently(self):
+        self.socket.recv_pdu()
+
+    monkeypatch.setattr(dul.DULServiceProvider, "_read_pdu_data", reads_differently)
+    with pytest.raises(compat.CompatError, match="install_pdu_reader"):
+        compat.check()
+
+
+# -- the patches ------------------------------------------------------------------------
+
+def test_shared_contexts_copy_shallowly():
+    cx = build_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+    [copied] = copy.deepcopy(compat.SharedContexts([cx]))
+    assert copied is not cx  # negotiation may set fields on its own copy...
+    assert copied._transfer_syntax is cx._transfer_syntax  # ...but the syntax list is shared
+
+
+def test_set_loop_delay_reaches_the_dul():
+    assoc = Association(AE(), "requestor")
+    compat.set_loop_delay(assoc, 0.0002)
+    assert assoc.dul._run_loop_delay == 0.0002
+
+
+def test_install_pdu_reader_replaces_the_transports_recv():
+    assoc = Association(AE(), "requestor")
+    ours, theirs = socket.socketpair()
+    try:
+        from pynetdicom.transport import AssociationSocket
+
+        assoc.dul.socket = AssociationSocket(assoc, client_socket=ours)
+        reader = BoundedPduReader(ours, PduLimits(max_pdu=16384, network_timeout_s=2),
+                                  lambda *_: None, lambda: True)
+        compat.install_pdu_reader(assoc, reader)
+        theirs.sendall(struct.pack(">BBL", 0x05, 0, 4) + bytes(4))  # A-RELEASE-RQ
+        assert assoc.dul.socket.recv(6)[:1] == b"\x05"
+        assert assoc.dul.socket.recv(4) == bytes(4)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_server_class_sets_reuse_port_on_a_subclass_only():
+    shared = compat.server_class(reuse_port=True)
+    assert shared.reuse_port and issubclass(shared, compat.NodeServer)
+    assert compat.server_class(reuse_port=True) is shared
+    assert not compat.NodeServer.reuse_port
+    assert not compat.server_class(reuse_port=False).reuse_port
+
+
+def test_register_server_lets_pynetdicom_shut_it_down():
+    ae = AE()
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = ae.make_server(("127.0.0.1", 0), server_class=compat.server_class(reuse_port=False))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    compat.register_server(ae, server)
+    assert server in ae._servers
+    server.shutdown()  # removes itself from ae._servers (raises if it was not there)
+    thread.join(5)
+    assert server not in ae._servers
+
+
+def test_configure_process_puts_received_datasets_in_the_given_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
+    monkeypatch.setattr(compat, "_receive_tmp_dir", None)
+    compat.configure_process(send_chunked=True, receive_tmp_dir=tmp_path / ".tmp")
+    assert _config.STORE_SEND_CHUNKED_DATASET and _config.STORE_RECV_CHUNKED_DATASET
+    assert compat.receive_tmp_dir() == tmp_path / ".tmp"
+    # Called as pynetdicom's decode_msg calls it.
+    handle = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+    handle.write(b"x")
+    handle.close()
+    made = Path(handle.name)
+    assert made.parent == tmp_path / ".tmp" and made.suffix == ".part"  # cleaned at start
+
+
+def test_discard_partial_dataset_removes_the_file(tmp_path):
+    part = tmp_path / "recv-1.part"
+    handle = part.open("wb")
+    message = types.SimpleNamespace(_data_set_file=handle)
+    assoc = types.SimpleNamespace(dimse=types.SimpleNamespace(message=message))
+    compat.discard_partial_dataset(assoc)  # type: ignore[arg-type]
+    assert not part.exists() and handle.closed
+    compat.discard_partial_dataset(types.SimpleNamespace(dimse=types.SimpleNamespace(message=None)))  # type: ignore[arg-type]
+
+
+# -- the PDU reader on its own -------------------------------------------------------------
+
+def _reader_pair(max_pdu: int = 16384, timeout: float = 2.0):
+    ours, theirs = socket.socketpair()
+    violations: list[tuple[str, str]] = []
+    reader = BoundedPduReader(ours, PduLimits(max_pdu=max_pdu, network_timeout_s=timeout,
+                                              negotiation_timeout_s=timeout),
+                              lambda label, reason: violations.append((label, reason)),
+                              lambda: True)
+    return reader, ours, theirs, violations
+
+
+def test_reader_refuses_a_length_over_the_bound_before_reading_it():
+    reader, ours, theirs, violations = _reader_pair()
+    try:
+        theirs.sendall(b"\x04\x00\xff\xff\xff\xff")
+        assert reader.recv(6) == b""  # short: pynetdicom sees the connection closed
+        assert violations == [("pdu_too_large", "PDU type 0x04 declares 4294967295 bytes, "
+                                                "over our maximum of 16400")]
+        theirs.settimeout(2)
+        assert theirs.recv(10)[:1] == b"\x07"  # A-ABORT
+        assert reader.recv(6) == b""
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_reader_aborts_a_pdu_that_stalls_past_the_timeout():
+    reader, ours, theirs, violations = _reader_pair(timeout=0.3)
+    try:
+        theirs.sendall(struct.pack(">BBL", 0x04, 0, 100) + bytes(10))
+        assert len(reader.recv(6)) == 6
+        assert reader.recv(100) == b""
+        assert violations[0][0] == "stalled_pdu" and "10 of 100 bytes" in violations[0][1]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_reader_reads_a_whole_pdu_in_one_buffer():
+    reader, ours, theirs, violations = _reader_pair()
+    try:
+        body = bytes(range(256)) * 40
+        theirs.sendall(struct.pack(">BBL", 0x04, 0, len(body)) + body)
+        assert reader.recv(6) == struct.pack(">BBL", 0x04, 0, len(body))
+        assert reader.recv(len(body)) == body
+        assert not violations
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_max_pdu_zero_means_the_hard_cap():
+    assert advertised_max_pdu(0) == HARD_MAX_PDU
+    assert advertised_max_pdu(1 << 40) == HARD_MAX_PDU
+    assert advertised_max_pdu(16384) == 16384
+
+
+def test_short_read_after_our_abort_is_not_logged_again(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from dicom_node.net import pdu
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
+    compat.configure_process(send_chunked=False)
+    dul_log = logging.getLogger(dul.__name__)
+    seen: list[str] = []
+
+    def in_a_dul_thread(aborted: bool) -> None:
+        if aborted:
+            pdu._thread.aborted = True
+        record = dul_log.makeRecord(dul_log.name, logging.ERROR, __file__, 1,
+                                    "The received PDU is shorter than expected (6 of 1006 bytes received)",
+                                    (), None)
+        if all(f.filter(record) for f in dul_log.filters):
+            seen.append("logged")
+
+    for aborted in (True, False):
+        thread = threading.Thread(target=in_a_dul_thread, args=(aborted,))
+        thread.start()
+        thread.join(5)
+    assert seen == ["logged"]  # only where the abort was not ours
