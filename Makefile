@@ -3,16 +3,20 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-PEERS   := storescu echoscu storescp dciodvfy Orthanc promtool systemd-analyze openssl chromium
-APT_PKGS := dcmtk orthanc orthanc-dicomweb dicom3tools prometheus systemd openssl chromium fonts-dejavu-core
+PEERS   := storescu echoscu storescp dciodvfy Orthanc promtool systemd-analyze openssl chromium npm
+APT_PKGS := dcmtk orthanc orthanc-dicomweb dicom3tools prometheus systemd openssl chromium fonts-dejavu-core npm
 # Test peers that are files, not commands on PATH (Orthanc plugins).
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 # A real Triton Inference Server for tests/test_kserve.py, in its own venv
 # (nvidia-pytriton pins numpy<2), with the node's onnxruntime version.
 TRITON_VENV ?= .venv-triton
+# OHIF viewer for tests/test_viewer.py: npm's prebuilt static dist, fetched once
+# into the ignored .cache/ohif/ (tests/viewer.py does the same when it is missing).
+OHIF_VERSION := 3.13.2
+OHIF_DIST := .cache/ohif/ohif-app-$(OHIF_VERSION)/dist
 TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell cat tests/kserve_server/requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test setup test-peers triton-server bench clean install
+.PHONY: run test setup test-peers triton-server bench clean install ohif docs-screenshots
 
 setup: $(STAMP)
 
@@ -44,8 +48,17 @@ test-peers:
 	  else echo "missing:$$missing; run: sudo apt-get install $(APT_PKGS)"; exit 1; fi; \
 	fi
 
-test: $(STAMP) $(TRITON_STAMP) test-peers
+ohif: $(OHIF_DIST)/index.html
+
+$(OHIF_DIST)/index.html: | $(STAMP)
+	$(PY) -c 'import sys; sys.path.insert(0, "tests"); import viewer; print(viewer.ohif_dist(version="$(OHIF_VERSION)"))'
+
+test: $(STAMP) $(TRITON_STAMP) test-peers ohif
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Refresh the README's viewer screenshots (docs/viewer-*.png) from a run of the viewer test.
+docs-screenshots: $(STAMP) test-peers ohif
+	VIEWER_SCREENSHOTS_TO_DOCS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_viewer.py
 
 bench: $(STAMP) test-peers
 	$(PY) bench/ingest.py && $(PY) bench/send.py && $(PY) bench/denoise.py && $(PY) bench/cardiac.py && $(PY) bench/cxr.py && $(PY) bench/memory.py

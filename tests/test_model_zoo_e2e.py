@@ -164,6 +164,9 @@ def zoo_node(tmp_path_factory):
     n_routes = len(routes)
     wait_for(lambda: len([j for j in node.store().jobs() if j.state not in ("queued", "running")])
              == n_routes, 300, 0.5, f"{n_routes} zoo jobs finished")
+    store = node.store()
+    wait_for(lambda: not any(i.state == "pending" for j in store.jobs() for i in store.outbox_items(j.id)),
+             60, 0.2, "every result sent or held")
     yield node, {j.route: j for j in node.store().jobs()}, sources
     node.stop()
 

@@ -264,8 +264,7 @@ def classify(image: np.ndarray, model: InferenceModel) -> Classified:
     assert c is not None
     scored = manifest.output(c.output)
     names = [scored.name] + ([c.heatmap_output] if c.heatmap_output else [])
-    # No copy: nothing below writes into the batch it is given.
-    x = image.astype(np.float32, copy=False)[None, None]
+    x = image.astype(np.float32)[None, None]
     fitted = fit(_channels(x, manifest), manifest.geometry, manifest.fixed_size)
     xn = normalize(fitted.batch, manifest)
     if manifest.geometry.fit == "dynamic":
@@ -277,6 +276,11 @@ def classify(image: np.ndarray, model: InferenceModel) -> Classified:
         return result
     heat_spec = manifest.output(c.heatmap_output)
     heat = from_model(raw[c.heatmap_output], heat_spec)[:, :1]
-    heat = fitted.back(heat[:, :, :fitted.batch.shape[-2], :fitted.batch.shape[-1]])[0, 0]
+    model_grid = heat[:, :, :fitted.batch.shape[-2], :fitted.batch.shape[-1]]
+    back = fitted.back(model_grid)
+    heat = back[0, 0]
+    # Clipped in place when the resize made a buffer of its own (a full-size
+    # map per radiograph: a second one costs as much as the resize).
+    heat = np.clip(heat, 0, 1, out=None if np.may_share_memory(back, raw[c.heatmap_output]) else heat)
     return Classified(result.probabilities, result.score, result.threshold, result.abnormal,
-                      result.findings, np.clip(heat, 0, 1))
+                      result.findings, heat)

@@ -144,6 +144,10 @@ def resample(x: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.
         interp = cv2.INTER_NEAREST_EXACT
     else:
         interp = cv2.INTER_AREA if rows < h and cols < w else cv2.INTER_LINEAR
+    if b == 1 and c == 1:
+        # One image, one channel (a radiograph, a heat map): resized straight
+        # into the result, without a second full-size buffer and copy.
+        return cv2.resize(np.ascontiguousarray(x[0, 0]), (cols, rows), interpolation=interp)[None, None]
     out = np.empty((b, c, rows, cols), x.dtype)
     for i in range(b):
         # cv2 resizes all channels at once in (H, W, C) order, up to 512 channels.

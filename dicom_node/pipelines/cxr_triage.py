@@ -174,7 +174,14 @@ def _presentation_by_lut(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     else:
         values = table[index]
         lo, hi = float(values.min()), float(values.max())
-    return _scaled(table, ds, lo, hi)[index]
+    table = _scaled(table, ds, lo, hi)
+    # The look-up in bands of rows: numpy turns an index array into intp
+    # first, and for the whole image that is a 40 MB temporary per radiograph.
+    out = np.empty(pixels.shape, table.dtype)
+    step = max(1, (1 << 18) // max(1, pixels.shape[1]))
+    for r in range(0, pixels.shape[0], step):
+        np.take(table, index[r:r + step], out=out[r:r + step])
+    return out
 
 
 

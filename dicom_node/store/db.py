@@ -314,7 +314,7 @@ class Store:
                  rec.transfer_syntax, rec.path, rec.size, calling_ae, called_ae, now))
             moved = old is not None and old["series_uid"] != rec.series_uid
             if moved:
-                self._recount(db, old["series_uid"], now)
+                self._recount(db, old["series_uid"])
             db.execute(
                 """INSERT INTO series (series_uid, study_uid, modality, calling_ae, called_ae,
                        first_at, last_at, instance_count, expected_count)
@@ -334,7 +334,7 @@ class Store:
         return old is not None
 
     @staticmethod
-    def _recount(db: sqlite3.Connection, series_uid: str, now: float) -> None:
+    def _recount(db: sqlite3.Connection, series_uid: str) -> None:
         db.execute("""UPDATE series SET instance_count=(SELECT COUNT(*) FROM instances
                       WHERE series_uid=?) WHERE series_uid=?""", (series_uid, series_uid))
 
