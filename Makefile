@@ -54,6 +54,7 @@ $(OHIF_DIST)/index.html: | $(STAMP)
 	$(PY) -c 'import sys; sys.path.insert(0, "tests"); import viewer; print(viewer.ohif_dist(version="$(OHIF_VERSION)"))'
 
 test: $(STAMP) $(TRITON_STAMP) test-peers ohif
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # Refresh the README's viewer screenshots (docs/viewer-*.png) from a run of the viewer test.

@@ -13,7 +13,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
 
 import yaml
 
@@ -341,7 +342,7 @@ def _table(headers: Sequence[str], rows: list[Sequence[Any]]) -> None:
     cells = [[str(c) for c in headers]] + [["" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
-        print(("  ".join(v.ljust(w) for v, w in zip(row[:-1], widths)) + "  " + row[-1]).rstrip())
+        print(("  ".join(v.ljust(w) for v, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1]).rstrip())
     if not rows:
         print("(none)", file=sys.stderr)
 

@@ -109,7 +109,7 @@ class TlsSettings(_Frozen):
     _files = field_validator("certificate", "private_key", "ca_file")(_tls_file)
 
     @model_validator(mode="after")
-    def _loadable(self) -> "TlsSettings":
+    def _loadable(self) -> TlsSettings:
         if self.require_client_certificate and self.ca_file is None:
             raise ValueError("require_client_certificate needs ca_file to verify clients against")
         from dicom_node.security.tls import server_context
@@ -135,7 +135,7 @@ class PeerTlsSettings(_Frozen):
     _files = field_validator("certificate", "private_key", "ca_file")(_tls_file)
 
     @model_validator(mode="after")
-    def _loadable(self) -> "PeerTlsSettings":
+    def _loadable(self) -> PeerTlsSettings:
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("certificate and private_key go together (give both or neither)")
         from dicom_node.security.tls import client_context
@@ -227,7 +227,7 @@ class DicomwebTlsSettings(_Frozen):
     _files = field_validator("certificate", "private_key", "ca_file")(_tls_file)
 
     @model_validator(mode="after")
-    def _pair(self) -> "DicomwebTlsSettings":
+    def _pair(self) -> DicomwebTlsSettings:
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("certificate and private_key go together (give both or neither)")
         if not self.verify and self.ca_file is not None:
@@ -291,7 +291,7 @@ class DicomwebDestination(_Frozen):
         return value
 
     @model_validator(mode="after")
-    def _tls_needs_https(self) -> "DicomwebDestination":
+    def _tls_needs_https(self) -> DicomwebDestination:
         if self.tls is not None and not self.url.startswith("https://"):
             raise ValueError("tls: has no meaning with an http:// url (use https://)")
         return self
@@ -321,7 +321,7 @@ class Match(_Frozen):
     present: bool | None = None
 
     @model_validator(mode="after")
-    def _one_operator(self) -> "Match":
+    def _one_operator(self) -> Match:
         ops = [n for n in ("equals", "one_of", "regex", "contains", "range", "present")
                if getattr(self, n) is not None]
         if len(ops) != 1:
@@ -384,7 +384,7 @@ class HttpSettings(_Frozen):
         return value
 
     @model_validator(mode="after")
-    def _basic_pair(self) -> "HttpSettings":
+    def _basic_pair(self) -> HttpSettings:
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together (give both or neither)")
         return self
@@ -445,7 +445,7 @@ class NodeSettings(_Frozen):
     _ae = field_validator("ae_title")(_check_ae)
 
     @model_validator(mode="after")
-    def _connections_cover_associations(self) -> "NodeSettings":
+    def _connections_cover_associations(self) -> NodeSettings:
         if self.max_connections is not None and self.max_connections < self.max_associations:
             raise ValueError(f"node.max_connections {self.max_connections} is below "
                              f"node.max_associations {self.max_associations}: every association "
@@ -472,7 +472,7 @@ class KServeTlsSettings(_Frozen):
     _files = field_validator("certificate", "private_key", "ca_file")(_tls_file)
 
     @model_validator(mode="after")
-    def _pair(self) -> "KServeTlsSettings":
+    def _pair(self) -> KServeTlsSettings:
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("certificate and private_key go together (give both or neither)")
         return self
@@ -571,7 +571,7 @@ class InferenceSettings(_Frozen):
     batch_size: int = Field(default=4, ge=1)
 
     @model_validator(mode="after")
-    def _backends(self) -> "InferenceSettings":
+    def _backends(self) -> InferenceSettings:
         for name, model in self.models.items():
             if not re.fullmatch(r"[a-z0-9_]+", name):
                 raise ValueError(f"inference.models.{name}: not a model name (a manifest's name)")
@@ -641,7 +641,7 @@ class Config(_Frozen):
     base_dir: Path = Path(".")
 
     @model_validator(mode="after")
-    def _references(self) -> "Config":
+    def _references(self) -> Config:
         _unique("peers", [p.name for p in self.peers])
         _unique("destinations", [d.name for d in self.destinations])
         _unique("routes", [r.name for r in self.routes])

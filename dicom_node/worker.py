@@ -264,7 +264,7 @@ class Worker:
                 backend=getattr(model, "backend", "onnxruntime")).observe(timings["inference"])
         destinations = route.result_destinations.get(result.outcome or "", route.destinations)
         queued = [(dest, str(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
-                  for dest in destinations for ds, path in zip(result.datasets, paths)]
+                  for dest in destinations for ds, path in zip(result.datasets, paths, strict=False)]
         summary = dict(result.summary, outcome=result.outcome) if result.outcome else dict(result.summary)
         summary.update({f"{k}_s": round(v, 3) for k, v in timings.items()})
         return queued, summary, tuple(result.held)

@@ -15,7 +15,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import yaml
@@ -99,7 +100,7 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
             return rsp.status, rsp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-    except (urllib.error.URLError, ConnectionError, socket.timeout):
+    except (TimeoutError, urllib.error.URLError, ConnectionError):
         return 0, b""
 
 
@@ -166,7 +167,7 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> "NodeProcess":
+    def start(self, wait: bool = True) -> NodeProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node.cli", "-c", str(self.config_path), "serve"],
@@ -252,7 +253,7 @@ class Orthanc:
         self.dicomweb_url = f"http://127.0.0.1:{self.http_port}/dicom-web"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         log = (self.workdir / "orthanc.log").open("ab")
         self.proc = subprocess.Popen(["Orthanc", str(self.config)], stdout=log, stderr=subprocess.STDOUT,
                                      env=NODELAY_ENV, start_new_session=True)
@@ -286,7 +287,7 @@ class Orthanc:
                 return rsp.status, rsp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
-        except (urllib.error.URLError, ConnectionError, socket.timeout):
+        except (TimeoutError, urllib.error.URLError, ConnectionError):
             return 0, b""
 
     def instances(self) -> list[dict]:

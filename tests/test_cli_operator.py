@@ -26,7 +26,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 class _JsonLogNode(NodeProcess):
     """``serve --json-logs``, options after the subcommand."""
 
-    def start(self, wait: bool = True) -> "_JsonLogNode":
+    def start(self, wait: bool = True) -> _JsonLogNode:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path),

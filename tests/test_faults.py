@@ -184,7 +184,7 @@ def test_kill9_at_random_moments_loses_and_duplicates_nothing(node_factory, orth
         node.kill9()
         codes = [p.wait(60) for p in procs]
         node.start()
-        for s, code in zip(batch, codes):
+        for s, code in zip(batch, codes, strict=False):
             if code != 0:
                 resends += _send_until_acknowledged(node, s.files)
 

@@ -258,7 +258,7 @@ def test_compose_runs_all_three_routes_and_keeps_services_on_loopback():
     base = load_config(REPO / "conf" / "node.yaml")
     compose_config = load_config(REPO / "conf" / "compose" / "node.yaml")
     assert [r.name for r in compose_config.routes] == [r.name for r in base.routes]
-    for mine, ref in zip(compose_config.routes, base.routes):
+    for mine, ref in zip(compose_config.routes, base.routes, strict=False):
         assert mine.model_dump(exclude={"destinations"}) == ref.model_dump(exclude={"destinations"}), mine.name
         assert mine.destinations == ["pacs"]
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())

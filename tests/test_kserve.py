@@ -228,7 +228,7 @@ def test_export_triton_writes_a_model_repository(tmp_path, capsys):
         assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
         for specs, tensors in ((manifest.inputs, config.input), (manifest.outputs, config.output)):
             assert [t.name for t in tensors] == [s.name for s in specs]
-            for spec, tensor in zip(specs, tensors):
+            for spec, tensor in zip(specs, tensors, strict=False):
                 shape = spec.shape[1:] if dynamic else spec.shape
                 assert list(tensor.dims) == [-1 if d is None else d for d in shape]
                 assert model_config_pb2.DataType.Name(tensor.data_type) == "TYPE_" + {

@@ -293,8 +293,8 @@ def test_seg_is_drawn_over_the_cine_in_its_recommended_colours(cardiac_seg):
     from highdicom.color import CIELabColor
     recommended = {s.SegmentLabel: CIELabColor.from_dicom_value(s.RecommendedDisplayCIELabValue).to_rgb()
                    for s in cardiac_seg["seg"].SegmentSequence}
-    for name, shown in zip(SEGMENTS, cardiac_seg["colours"]):
-        assert max(abs(a - b) for a, b in zip(recommended[name], shown)) <= 8, (name, recommended[name], shown)
+    for name, shown in zip(SEGMENTS, cardiac_seg["colours"], strict=False):
+        assert max(abs(a - b) for a, b in zip(recommended[name], shown, strict=False)) <= 8, (name, recommended[name], shown)
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -7,7 +7,7 @@ reports.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom import Dataset

@@ -11,7 +11,8 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -97,7 +98,7 @@ class OnnxModel:
             shapes = {k: (list(v.shape), str(v.dtype)) for k, v in inputs.items()}
             raise ContractError(f"model {self.manifest.name}: onnxruntime refused the input "
                                 f"{shapes}: {str(exc).splitlines()[0][:300]}") from exc
-        return dict(zip(names, values))
+        return dict(zip(names, values, strict=False))
 
     @property
     def input_name(self) -> str:
@@ -105,7 +106,7 @@ class OnnxModel:
 
     @classmethod
     def load(cls, manifest_path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-             device_id: int = 0, intra_op_threads: int = 0) -> "OnnxModel":
+             device_id: int = 0, intra_op_threads: int = 0) -> OnnxModel:
         manifest = load_manifest(manifest_path)
         onnx_path = verified_onnx(manifest_path, manifest)
         options = ort.SessionOptions()
@@ -143,7 +144,7 @@ def _check_signature(path: Path, declared: list[TensorSpec], actual: list, kind:
         if len(shape) != len(spec.shape):
             raise ModelLoadError(f"{path}: {kind} {spec.name!r} has rank {len(shape)}, "
                                  f"manifest says {len(spec.shape)}")
-        for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+        for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=False)):
             if want is not None and isinstance(got, int) and got != want:
                 raise ModelLoadError(f"{path}: {kind} {spec.name!r} axis {axis} is {got}, "
                                      f"manifest says {want}")
@@ -161,7 +162,7 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
                  device_id: int = 0, intra_op_threads: int = 0, batch_size: int = 2,
-                 inference: "InferenceSettings | None" = None) -> None:
+                 inference: InferenceSettings | None = None) -> None:
         self.models_dir = models_dir
         self.providers = list(providers)
         self.device_id = device_id
@@ -172,7 +173,7 @@ class ModelRegistry:
         self.verdicts: dict[str, Verified] = {}
 
     @classmethod
-    def from_settings(cls, models_dir: Path, inf: "InferenceSettings") -> "ModelRegistry":
+    def from_settings(cls, models_dir: Path, inf: InferenceSettings) -> ModelRegistry:
         return cls(models_dir, inf.providers, inf.device_id, inf.intra_op_threads, inf.batch_size,
                    inference=inf)
 
@@ -210,7 +211,7 @@ class ModelRegistry:
                 return Verified(False, problem, transient=True)
         return self.verdicts.get(name) or Verified(True, f"loaded on {model.provider}")
 
-    def get(self, name: str) -> "InferenceModel":
+    def get(self, name: str) -> InferenceModel:
         model = self._loaded.get(name)
         if model is not None:
             return model

@@ -123,7 +123,7 @@ def _check_tensor(spec: TensorSpec, tensor: dict, kind: str, where: str) -> None
     if len(shape) != len(spec.shape):
         raise ModelLoadError(f"{where}: {kind} {spec.name!r} has shape {shape} on the server "
                              f"(rank {len(shape)}), manifest says {spec.shape} (rank {len(spec.shape)})")
-    for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+    for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=False)):
         if got == -1:
             continue
         if want is None or want != got:

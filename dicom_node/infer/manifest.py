@@ -70,7 +70,7 @@ class TensorSpec(_Frozen):
     layout: str = "NCHW"
 
     @model_validator(mode="after")
-    def _layout_matches_rank(self) -> "TensorSpec":
+    def _layout_matches_rank(self) -> TensorSpec:
         if len(self.layout) != len(self.shape) or len(set(self.layout)) != len(self.layout):
             raise ValueError(f"tensor {self.name!r}: layout {self.layout!r} does not name the "
                              f"{len(self.shape)} axes of shape {self.shape}")
@@ -120,7 +120,7 @@ class PercentileNorm(_Frozen):
     high: float = Field(default=99.5, ge=0, le=100)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "PercentileNorm":
+    def _ordered(self) -> PercentileNorm:
         if self.low >= self.high:
             raise ValueError(f"percentile low {self.low} must be below high {self.high}")
         return self
@@ -142,7 +142,7 @@ class ChannelMeanStd(_Frozen):
     scale_to: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
-    def _same_length(self) -> "ChannelMeanStd":
+    def _same_length(self) -> ChannelMeanStd:
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean_std: {len(self.mean)} means but {len(self.std)} stds")
         return self
@@ -203,7 +203,7 @@ class Segmentation(_Frozen):
     output_kind: Literal["logits", "probabilities", "labelmap"] = "logits"
 
     @model_validator(mode="after")
-    def _unique(self) -> "Segmentation":
+    def _unique(self) -> Segmentation:
         values = [lab.value for lab in self.labels]
         if len(set(values)) != len(values):
             raise ValueError(f"segmentation.labels: duplicate label value in {values}")
@@ -252,7 +252,7 @@ class Classification(_Frozen):
     heatmap_output: str | None = None
 
     @model_validator(mode="after")
-    def _rule_fields(self) -> "Classification":
+    def _rule_fields(self) -> Classification:
         names = set(self.classes)
         if len(names) != len(self.classes):
             raise ValueError(f"classification.classes: duplicate class names in {self.classes}")

@@ -46,7 +46,7 @@ def check_output(name: str, value: np.ndarray, spec: TensorSpec, model: str) -> 
     if value.ndim != len(spec.shape):
         raise ContractError(f"model {model}: output {name} has shape {list(value.shape)}, "
                             f"manifest says rank {len(spec.shape)} ({spec.shape})")
-    for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
+    for axis, (want, got) in enumerate(zip(spec.shape, value.shape, strict=False)):
         if want is not None and want != got:
             raise ContractError(f"model {model}: output {name} axis {axis} is {got}, manifest says {want}")
     if spec.dtype in _FLOAT and not np.all(np.isfinite(value)):
@@ -239,7 +239,7 @@ def _class_probabilities(raw: np.ndarray, c: Classification, spec: TensorSpec, m
 
 def decide(p: Sequence[float], c: Classification) -> Classified:
     """Apply the manifest's rule to one image's class probabilities."""
-    probs = {name: float(v) for name, v in zip(c.classes, p)}
+    probs = {name: float(v) for name, v in zip(c.classes, p, strict=False)}
     default = c.probability_threshold
     if c.rule == "positive_class":
         assert c.positive_class is not None

@@ -310,7 +310,7 @@ class _ReceiveFile:
             _write_failures[self.name] = exc
 
     @property
-    def file(self) -> "_ReceiveFile":  # pynetdicom calls .file.flush()
+    def file(self) -> _ReceiveFile:  # pynetdicom calls .file.flush()
         return self
 
     def _guard(self, op: Callable[[], Any]) -> None:

@@ -140,7 +140,7 @@ def _derived_series(volume: Volume, denoised: np.ndarray, prov: Provenance) -> l
 _BACKGROUND: ThreadPoolExecutor | None = None
 
 
-def _search_regions(volume: Volume, background: bool) -> "Future[ct_quality.QualityRegions] | None":
+def _search_regions(volume: Volume, background: bool) -> Future[ct_quality.QualityRegions] | None:
     """The ROI search started on its own thread, or None to run it in line."""
     global _BACKGROUND
     if not background:
@@ -151,7 +151,7 @@ def _search_regions(volume: Volume, background: bool) -> "Future[ct_quality.Qual
 
 
 def _quality_report(volume: Volume, denoised: np.ndarray, derived: list[Dataset], prov: Provenance,
-                    searched: "Future[ct_quality.QualityRegions] | None" = None
+                    searched: Future[ct_quality.QualityRegions] | None = None
                     ) -> tuple[Dataset, tuple[ct_quality.QualityMeasurement, ct_quality.QualityMeasurement]]:
     try:
         regions = (searched.result() if searched is not None

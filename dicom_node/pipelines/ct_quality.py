@@ -201,7 +201,7 @@ def _fit(vol: np.ndarray, regions: list[tuple[int, np.ndarray]], spacing: tuple[
         # the results are compared in slice order, as one by one.
         candidates = _map(lambda zr, radius=r: _lowest_sd_centre(vol[zr[0]], zr[1], spacing, radius),
                           regions)
-        for (z, _), found in zip(regions, candidates):
+        for (z, _), found in zip(regions, candidates, strict=False):
             if found is not None and (best is None or found[0] < best[0]):
                 best = (found[0], z, found[1])
         if best is not None:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from dicom_node.errors import JobStateError
 

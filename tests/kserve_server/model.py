@@ -37,5 +37,5 @@ class TritonPythonModel:
                 continue
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(v))
-                                for n, v in zip(self.outputs, values)]))
+                                for n, v in zip(self.outputs, values, strict=False)]))
         return responses

@@ -46,7 +46,7 @@ class TensorSpec:
     def concrete(self, sizes: dict[str, int]) -> tuple[int, ...]:
         """The shape with each dynamic axis set from ``sizes`` (by layout letter)."""
         return tuple(sizes[letter] if dim is None else dim
-                     for dim, letter in zip(self.shape, self.layout))
+                     for dim, letter in zip(self.shape, self.layout, strict=False))
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def sample_inputs(model: ZooModel, seed: int = 0, **sizes: int) -> Feeds:
 # -- graph construction ------------------------------------------------------
 
 def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
-    dims = [letter if dim is None else dim for dim, letter in zip(spec.shape, spec.layout)]
+    dims = [letter if dim is None else dim for dim, letter in zip(spec.shape, spec.layout, strict=False)]
     return helper.make_tensor_value_info(spec.name, _ONNX_TYPES[spec.dtype], dims)
 
 

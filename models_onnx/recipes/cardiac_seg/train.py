@@ -76,7 +76,7 @@ class UNet(nn.Module):
             if i < len(self.down) - 1:
                 skips.append(x)
                 x = F.max_pool2d(x, 2)
-        for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips), strict=False):
             x = dec(torch.cat([up(x), skip], dim=1))
         return self.head(x)
 
@@ -190,8 +190,8 @@ def train(model: UNet, xs: np.ndarray, ys: np.ndarray, steps: int, batch: int, c
         idx = rng.integers(0, len(xs), batch)
         oy = rng.integers(0, win - crop + 1, batch)
         ox = rng.integers(0, win - crop + 1, batch)
-        xb = np.stack([xs[i, y:y + crop, x:x + crop] for i, y, x in zip(idx, oy, ox)])
-        yb = np.stack([ys[i, y:y + crop, x:x + crop] for i, y, x in zip(idx, oy, ox)])
+        xb = np.stack([xs[i, y:y + crop, x:x + crop] for i, y, x in zip(idx, oy, ox, strict=False)])
+        yb = np.stack([ys[i, y:y + crop, x:x + crop] for i, y, x in zip(idx, oy, ox, strict=False)])
         # Mild intensity jitter on the normalised input: gamma-free scale and offset.
         xb = xb.astype(np.float32) * rng.uniform(0.9, 1.1, (batch, 1, 1)).astype(np.float32) \
             + rng.uniform(-0.1, 0.1, (batch, 1, 1)).astype(np.float32)

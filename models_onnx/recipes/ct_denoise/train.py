@@ -211,7 +211,7 @@ def tune_nlm(val: PairSet) -> tuple[str, float, float]:
     best = ("u8", 0.0, -1.0)
     for depth, grid in NLM_GRID.items():
         for h in grid:
-            score = float(np.mean([psnr(f, nlm(l, h, depth)) for l, f in zip(val.low, val.full)]))
+            score = float(np.mean([psnr(f, nlm(l, h, depth)) for l, f in zip(val.low, val.full, strict=False)]))
             print(f"  nlm {depth} h={h}: val PSNR {score:.2f}", flush=True)
             if score > best[2]:
                 best = (depth, float(h), score)
@@ -264,7 +264,7 @@ def evaluate(test: PairSet, denoisers: dict) -> dict:
     """
     res: dict[str, dict[str, list[float]]] = {k: {"psnr": [], "ssim": [], "sd": [], "cnr": []}
                                              for k in denoisers}
-    for low, full in zip(test.low, test.full):
+    for low, full in zip(test.low, test.full, strict=False):
         regions = choose_regions(low[None], (PIXEL_MM, PIXEL_MM))
         for name, fn in denoisers.items():
             img = fn(low)

@@ -347,7 +347,7 @@ def heatmap_hits(maps: np.ndarray, masks: np.ndarray, tolerance_px: int = 0) -> 
     if tolerance_px > 0:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE,
                                            (2 * tolerance_px + 1, 2 * tolerance_px + 1))
-    for i, (h, m) in enumerate(zip(maps, masks)):
+    for i, (h, m) in enumerate(zip(maps, masks, strict=False)):
         if kernel is not None:
             m = cv2.dilate(m.astype(np.uint8), kernel) > 0
         r, c = np.unravel_index(int(np.argmax(h)), h.shape)
