@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml synthetic/pyproject.toml | cksum | cut -d' ' -f1)
 PEERS   := storescu echoscu storescp dciodvfy Orthanc promtool systemd-analyze openssl chromium npm
 APT_PKGS := dcmtk orthanc orthanc-dicomweb dicom3tools prometheus systemd openssl chromium fonts-dejavu-core npm
 # Test peers that are files, not commands on PATH (Orthanc plugins).
@@ -20,10 +20,10 @@ TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell cat tests/kserve_server/requir
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml synthetic/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -e ./synthetic
 	rm -f $(VENV)/.installed-* && touch $@
 
 triton-server: $(TRITON_STAMP)

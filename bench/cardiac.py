@@ -31,8 +31,8 @@ from pydicom import dcmread
 from dicom_node.config import load_config
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
-from dicom_node.synthetic import cardiac_phantom
-from dicom_node.synthetic.dicom_mr import cine_series
+from dicom_node_synthetic import cardiac_phantom
+from dicom_node_synthetic.dicom_mr import cine_series
 
 
 def main() -> None:

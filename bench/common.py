@@ -19,8 +19,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import NodeProcess, Orthanc, free_port, wait_for, write_datasets  # noqa: E402
 
-from dicom_node.synthetic import ct_phantom  # noqa: E402
-from dicom_node.synthetic.dicom_ct import ct_series  # noqa: E402
+from dicom_node_synthetic import ct_phantom  # noqa: E402
+from dicom_node_synthetic.dicom_ct import ct_series  # noqa: E402
 
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
 

@@ -32,8 +32,8 @@ from pydicom import dcmread
 from dicom_node.config import load_config
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
-from dicom_node.synthetic import cxr_phantom
-from dicom_node.synthetic.dicom_dx import dx_image
+from dicom_node_synthetic import cxr_phantom
+from dicom_node_synthetic.dicom_dx import dx_image
 
 
 def main() -> None:

@@ -33,8 +33,8 @@ from dicom_node.infer.engine import ModelRegistry
 from dicom_node.infer.runner import denoise
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
 from dicom_node.pipelines.volume import load_volume
-from dicom_node.synthetic import ct_phantom
-from dicom_node.synthetic.dicom_ct import ct_series
+from dicom_node_synthetic import ct_phantom
+from dicom_node_synthetic.dicom_ct import ct_series
 
 
 def _ratios(end_to_end: float, infer: float, stages: dict) -> None:

@@ -14,7 +14,7 @@ from common import NodeProcess, cleanup, storescu_time, wait_for, workdir, write
 
 import numpy as np
 
-from dicom_node.synthetic.dicom_ct import ct_series
+from dicom_node_synthetic.dicom_ct import ct_series
 
 
 def _peak_kib(pid: int) -> int:

@@ -500,7 +500,15 @@ def _audit_log() -> logging.Logger:
 
 
 def _demo(config: Config, args: argparse.Namespace) -> int:
-    from dicom_node.demo import run_demo
+    try:
+        from dicom_node.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name != "dicom_node_synthetic":
+            raise
+        # The phantoms are a separate package, not part of the runtime install.
+        print("dicom-node demo: the synthetic phantoms are not installed; "
+              "run `make setup` or `pip install ./synthetic` from the source tree", file=sys.stderr)
+        return 2
 
     return run_demo(config, slices=args.slices, size=args.size, timeout_s=args.timeout)
 

@@ -19,10 +19,10 @@ from dicom_node.config import Config, Peer
 from dicom_node.net.pynetdicom_compat import configure_process
 from dicom_node.send.scu import StoreRequest, send_files
 from dicom_node.store.db import Store
-from dicom_node.synthetic import cardiac_phantom, ct_phantom, cxr_phantom
-from dicom_node.synthetic.dicom_ct import ct_series
-from dicom_node.synthetic.dicom_dx import dx_image
-from dicom_node.synthetic.dicom_mr import cine_series
+from dicom_node_synthetic import cardiac_phantom, ct_phantom, cxr_phantom
+from dicom_node_synthetic.dicom_ct import ct_series
+from dicom_node_synthetic.dicom_dx import dx_image
+from dicom_node_synthetic.dicom_mr import cine_series
 
 __all__ = ["run_demo", "summarize"]
 

@@ -22,8 +22,8 @@ import numpy as np
 import yaml
 from pydicom.filewriter import dcmwrite
 
-from dicom_node.synthetic import ct_phantom
-from dicom_node.synthetic.dicom_ct import ct_series
+from dicom_node_synthetic import ct_phantom
+from dicom_node_synthetic.dicom_ct import ct_series
 
 REPO = Path(__file__).resolve().parent.parent
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}

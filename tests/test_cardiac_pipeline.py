@@ -12,8 +12,8 @@ from pydicom.filewriter import dcmwrite
 from dicom_node.config import load_config
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
-from dicom_node.synthetic import cardiac_phantom
-from dicom_node.synthetic.dicom_mr import cine_series
+from dicom_node_synthetic import cardiac_phantom
+from dicom_node_synthetic.dicom_mr import cine_series
 from helpers import dciodvfy_errors, legacy_enhanced, roundtrip
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"

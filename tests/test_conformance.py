@@ -183,9 +183,9 @@ def _other_pipelines_produce() -> set[str]:
     import numpy as np
     from io import BytesIO
 
-    from dicom_node.synthetic import cardiac_phantom, cxr_phantom
-    from dicom_node.synthetic.dicom_dx import dx_image
-    from dicom_node.synthetic.dicom_mr import cine_series
+    from dicom_node_synthetic import cardiac_phantom, cxr_phantom
+    from dicom_node_synthetic.dicom_dx import dx_image
+    from dicom_node_synthetic.dicom_mr import cine_series
 
     def roundtrip(ds):
         buf = BytesIO()

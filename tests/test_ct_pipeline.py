@@ -15,8 +15,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELos
 from dicom_node.config import load_config
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
-from dicom_node.synthetic import ct_phantom
-from dicom_node.synthetic.dicom_ct import ct_series
+from dicom_node_synthetic import ct_phantom
+from dicom_node_synthetic.dicom_ct import ct_series
 from helpers import dciodvfy_errors, legacy_enhanced
 
 MODEL_DIR = load_config().models_dir

@@ -18,8 +18,8 @@ from dicom_node.pipelines.base import PipelineInput, get_pipeline
 from dicom_node.infer.manifest import Geometry
 from dicom_node.infer.tensors import fit
 from dicom_node.pipelines.cxr_triage import presentation
-from dicom_node.synthetic import cxr_phantom
-from dicom_node.synthetic.dicom_dx import dx_image
+from dicom_node_synthetic import cxr_phantom
+from dicom_node_synthetic.dicom_dx import dx_image
 from helpers import dciodvfy_errors
 
 

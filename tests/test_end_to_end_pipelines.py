@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dicom_node.synthetic import cardiac_phantom, cxr_phantom
-from dicom_node.synthetic.dicom_dx import dx_image
-from dicom_node.synthetic.dicom_mr import cine_series
+from dicom_node_synthetic import cardiac_phantom, cxr_phantom
+from dicom_node_synthetic.dicom_dx import dx_image
+from dicom_node_synthetic.dicom_mr import cine_series
 from helpers import dciodvfy_errors, storescu, wait_for, write_datasets
 
 SEG, SC = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.7"

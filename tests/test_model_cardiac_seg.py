@@ -26,7 +26,7 @@ from dicom_node.pipelines.cardiac_metrics import (
     mosteller_bsa,
     phase_volumes,
 )
-from dicom_node.synthetic.cardiac_phantom import make_cine, volume_curve
+from dicom_node_synthetic.cardiac_phantom import make_cine, volume_curve
 
 MODELS = Path(__file__).resolve().parents[1] / "models_onnx"
 MANIFEST = MODELS / "cardiac_seg.yaml"

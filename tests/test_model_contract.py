@@ -306,8 +306,8 @@ def test_cardiac_model_without_rv_reports_what_it_can_and_says_what_it_did_not(t
     from pydicom.filewriter import dcmwrite
 
     from dicom_node.pipelines.base import PipelineInput, get_pipeline
-    from dicom_node.synthetic import cardiac_phantom
-    from dicom_node.synthetic.dicom_mr import cine_series
+    from dicom_node_synthetic import cardiac_phantom
+    from dicom_node_synthetic.dicom_mr import cine_series
     from helpers import dciodvfy_errors, roundtrip
     from zoo.manifests import CATEGORY, LV, MYO
 

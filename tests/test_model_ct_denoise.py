@@ -18,7 +18,7 @@ import pytest
 from dicom_node.errors import PipelineError
 from dicom_node.infer.manifest import ModelManifest, load_manifest
 from dicom_node.pipelines.ct_quality import choose_regions, measure
-from dicom_node.synthetic.ct_phantom import DEFAULT_I0, Tissue, make_slice, make_volume
+from dicom_node_synthetic.ct_phantom import DEFAULT_I0, Tissue, make_slice, make_volume
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "models_onnx" / "ct_denoise.yaml"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dicom_node.infer.manifest import ModelManifest, load_manifest
-from dicom_node.synthetic.cxr_phantom import (
+from dicom_node_synthetic.cxr_phantom import (
     FINDINGS,
     NORMAL_CTR_RANGE,
     SEVERITIES,

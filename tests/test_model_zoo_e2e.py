@@ -14,9 +14,9 @@ from pydicom.dataset import Dataset
 
 import zoo
 from dicom_node.pipelines.cardiac_metrics import cardiac_metrics
-from dicom_node.synthetic import cardiac_phantom, cxr_phantom
-from dicom_node.synthetic.dicom_dx import dx_image
-from dicom_node.synthetic.dicom_mr import cine_series
+from dicom_node_synthetic import cardiac_phantom, cxr_phantom
+from dicom_node_synthetic.dicom_dx import dx_image
+from dicom_node_synthetic.dicom_mr import cine_series
 from helpers import dciodvfy_errors, storescu, wait_for, write_ct_series, write_datasets
 from zoo.manifests import ACDC_LABELS, CHEXNET_CLASSES, IMAGENET, install
 

@@ -23,9 +23,9 @@ from dicom_node.encode.derived import derived_image
 from dicom_node.encode.provenance import Provenance
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines import ct_quality, cxr_triage
-from dicom_node.synthetic import ct_phantom
-from dicom_node.synthetic.dicom_ct import ct_series
-from dicom_node.synthetic.dicom_dx import dx_image
+from dicom_node_synthetic import ct_phantom
+from dicom_node_synthetic.dicom_ct import ct_series
+from dicom_node_synthetic.dicom_dx import dx_image
 
 
 def _roundtrip(ds):

@@ -389,8 +389,8 @@ def test_status_page_in_chromium_during_a_real_run(node_factory, tmp_path):
     job released through the API, the page read again."""
     from helpers import ct_route
 
-    from dicom_node.synthetic import cxr_phantom
-    from dicom_node.synthetic.dicom_dx import dx_image
+    from dicom_node_synthetic import cxr_phantom
+    from dicom_node_synthetic.dicom_dx import dx_image
 
     models = tmp_path / "models"
     shutil.copytree(REPO / "models_onnx", models, ignore=shutil.ignore_patterns("recipes"))

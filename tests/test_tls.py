@@ -12,6 +12,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def _make_leaf(folder: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Pa
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
              "-subj", f"/CN={name}", cwd=folder)
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", ca[0], "-CAkey", ca[1], "-set_serial",
-             str(abs(hash(name)) % 10**9 + 1), "-days", "2", "-extfile", ext, "-out", f"{name}.pem",
+             str(zlib.crc32(name.encode()) % 10**9 + 1), "-days", "2", "-extfile", ext, "-out", f"{name}.pem",
              cwd=folder)
     return folder / f"{name}.pem", folder / f"{name}.key"
 

@@ -37,9 +37,9 @@ from viewer import (
     skip_tour_script,
 )
 
-from dicom_node.synthetic import cardiac_phantom, cxr_phantom
-from dicom_node.synthetic.dicom_dx import dx_image
-from dicom_node.synthetic.dicom_mr import cine_series
+from dicom_node_synthetic import cardiac_phantom, cxr_phantom
+from dicom_node_synthetic.dicom_dx import dx_image
+from dicom_node_synthetic.dicom_mr import cine_series
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SAVE_DOCS = os.environ.get("VIEWER_SCREENSHOTS_TO_DOCS") == "1"

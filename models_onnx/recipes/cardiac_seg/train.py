@@ -1,7 +1,7 @@
 """Train the reference cardiac short-axis segmentation model on synthetic phantoms.
 
 Reproducible end to end from one seed: generates phantoms
-(:mod:`dicom_node.synthetic.cardiac_phantom`), trains a small 2D U-Net at a
+(:mod:`dicom_node_synthetic.cardiac_phantom`), trains a small 2D U-Net at a
 fixed pixel spacing with per-image z-score normalisation, exports ONNX
 (opset 17, dynamic N/H/W), checks onnxruntime against torch, evaluates the
 full resample -> infer -> resample-back path on a held-out phantom set and
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from dicom_node.infer.engine import sha256_of
 from dicom_node.pipelines.cardiac_metrics import cardiac_metrics, dice, hausdorff95
-from dicom_node.synthetic.cardiac_phantom import make_cine
+from dicom_node_synthetic.cardiac_phantom import make_cine
 
 RECIPE = Path(__file__).resolve().parent
 WORK = RECIPE / "work"
@@ -355,7 +355,7 @@ def write_manifest(args: argparse.Namespace, digest: str, quality: dict, wall_s:
             "command": f"python models_onnx/recipes/cardiac_seg/train.py --threads {args.threads}",
             "seed": args.seed,
             "data": (f"{args.train_studies} synthetic short-axis cine studies "
-                     f"(dicom_node.synthetic.cardiac_phantom, seed {args.seed}), 10 slices x "
+                     f"(dicom_node_synthetic.cardiac_phantom, seed {args.seed}), 10 slices x "
                      f"{args.train_phases} phases, 256x256 at 1.2-1.8 mm; {n_images} slices "
                      f"resampled to {args.spacing} mm, {args.window}px windows, "
                      f"{args.crop}px random crops"),

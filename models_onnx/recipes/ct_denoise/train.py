@@ -1,6 +1,6 @@
 """Recipe for the reference low-dose CT denoising model (``models_onnx/ct_denoise.*``).
 
-Generates paired synthetic chest phantoms (``dicom_node.synthetic.ct_phantom``:
+Generates paired synthetic chest phantoms (``dicom_node_synthetic.ct_phantom``:
 projection-domain Poisson noise, FBP), trains a small DnCNN-style residual CNN
 on patches, exports ONNX, evaluates on a held-out synthetic set against an
 OpenCV non-local-means baseline tuned on a validation set, and writes the
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from dicom_node.infer.engine import sha256_of
 from dicom_node.pipelines.ct_quality import choose_regions, measure
-from dicom_node.synthetic.ct_phantom import DEFAULT_I0, make_slice
+from dicom_node_synthetic.ct_phantom import DEFAULT_I0, make_slice
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -434,7 +434,7 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
         "plausible": {"roi_mean_shift_hu": [0, 30]},
         "quality": {
             "test_set": {
-                "kind": "synthetic chest phantoms (dicom_node.synthetic.ct_phantom.make_slice)",
+                "kind": "synthetic chest phantoms (dicom_node_synthetic.ct_phantom.make_slice)",
                 "n_slices": args.n_test, "seed": seeds["test"], "size": [SIZE, SIZE],
                 "pixel_mm": PIXEL_MM, "i0": DEFAULT_I0,
                 "reference": "FBP of the noiseless sinogram (same geometry and kernel)",

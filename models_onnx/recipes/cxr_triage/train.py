@@ -1,7 +1,7 @@
 """Train, export and document the reference chest X-ray normality triage model.
 
 Reproduces ``models_onnx/cxr_triage.onnx`` and ``models_onnx/cxr_triage.yaml``
-from synthetic radiographs (``dicom_node.synthetic.cxr_phantom``):
+from synthetic radiographs (``dicom_node_synthetic.cxr_phantom``):
 
 1. generate seeded train / validation / held-out test sets, half normal and
    half spread evenly over the five findings and two severities, at random
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
 from dicom_node.infer.engine import sha256_of
-from dicom_node.synthetic.cxr_phantom import FINDINGS, SEVERITIES, make_radiograph
+from dicom_node_synthetic.cxr_phantom import FINDINGS, SEVERITIES, make_radiograph
 
 __all__ = ["ExportWrapper", "TriageNet", "letterbox", "main", "normalize"]
 
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
                              *(sys.argv[1:] if argv is None else argv)]),
         "seed": args.seed,
         "data": (
-            f"dicom_node.synthetic.cxr_phantom: {args.n_train} train / {args.n_val} "
+            f"dicom_node_synthetic.cxr_phantom: {args.n_train} train / {args.n_val} "
             f"validation / {args.n_test} held-out test images, each half normal and "
             "half split evenly over nodule, consolidation, effusion, pneumothorax and "
             "cardiomegaly at subtle and obvious severity; sizes 256-512 px long side, "

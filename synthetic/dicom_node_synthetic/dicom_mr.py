@@ -10,8 +10,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import MRImageStorage
 
-from dicom_node.encode.provenance import result_uid
-from dicom_node.encode.derived import set_pixels
+from dicom_node_synthetic._dicom import seeded_uid, set_pixels
 
 __all__ = ["cine_series", "short_axis_orientation"]
 
@@ -36,7 +35,7 @@ def cine_series(images: np.ndarray, *, seed: str, pixel_spacing_mm: tuple[float,
     would be caught.
     """
     def uid(*parts: str) -> str:
-        return result_uid("synthetic-mr", seed, *parts)
+        return seeded_uid("synthetic-mr", seed, *parts)
 
     phases, slices, rows, cols = images.shape
     row, col = short_axis_orientation()

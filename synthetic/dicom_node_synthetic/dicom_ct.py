@@ -13,8 +13,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage
 
-from dicom_node.encode.provenance import result_uid
-from dicom_node.encode.derived import set_pixels
+from dicom_node_synthetic._dicom import seeded_uid, set_pixels
 
 __all__ = ["ct_series", "SYNTHETIC_PATIENT"]
 
@@ -31,7 +30,7 @@ def ct_series(volume_hu: np.ndarray, *, seed: str, pixel_mm: float = 0.7, slice_
     code sorting by InstanceNumber instead of geometry gets caught.
     """
     def uid(*parts: str) -> str:
-        return result_uid("synthetic", seed, *parts)
+        return seeded_uid("synthetic", seed, *parts)
 
     study_uid, series_uid, frame_uid = uid("study"), uid("series"), uid("frame")
     n, rows, cols = volume_hu.shape

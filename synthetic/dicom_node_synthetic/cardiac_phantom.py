@@ -10,8 +10,8 @@ rotated, translated and scaled, and pixel and slice spacing vary per study.
 
 Labels: 0 background, 1 LV cavity (papillary muscles included, as in the
 usual clinical contouring convention), 2 LV myocardium, 3 RV cavity.  True
-volumes come from the label maps by the same voxel-count rule the pipeline
-uses (:func:`dicom_node.pipelines.cardiac_metrics.phase_volumes`), so a
+volumes come from the label maps by the voxel-count rule (count x pixel area x
+slice spacing) that the pipeline also uses, computed here independently, so a
 perfect segmentation reproduces them exactly.
 
 numpy + OpenCV only: tests, demos and benches use it at runtime.
@@ -25,14 +25,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from dicom_node.pipelines.cardiac_metrics import (
-    MYOCARDIAL_DENSITY_G_PER_ML,
-    phase_volumes,
-)
 
 __all__ = ["CineStudy", "make_cine", "volume_curve"]
 
 # Internal tissue classes of the heart drawing; mapped to labels via _LABEL_OF.
+# Myocardial density (g/ml) for the LV mass, as in the SCMR reporting guideline.
+MYOCARDIAL_DENSITY_G_PER_ML = 1.05
+
 _LV_BLOOD, _MYO, _RV_BLOOD, _RV_WALL, _EPI_FAT, _PAPILLARY = 1, 2, 3, 4, 5, 6
 _LABEL_OF = np.array([0, 1, 2, 3, 0, 0, 1], dtype=np.uint8)
 # cv2 drawing with fractional coordinates: values are scaled by 2**_SHIFT.
@@ -280,11 +279,11 @@ def make_cine(rng: np.random.Generator, n_slices: int = 10, n_phases: int = 25,
             images[p, k] = np.sqrt((img + n[0]) ** 2 + n[1] ** 2)
             labels[p, k] = _LABEL_OF[cls]
     spacing = (sub.px, sub.px)
-    vols = phase_volumes(labels, spacing, sub.ss)
-    ed = int(np.argmax(vols.lv_cavity_ml))
-    es = int(np.argmin(vols.lv_cavity_ml))
-    lvedv, lvesv = float(vols.lv_cavity_ml[ed]), float(vols.lv_cavity_ml[es])
-    rvedv, rvesv = float(vols.rv_cavity_ml[ed]), float(vols.rv_cavity_ml[es])
+    lv_ml, myo_ml, rv_ml = (_label_ml(labels, value, spacing, sub.ss) for value in (1, 2, 3))
+    ed = int(np.argmax(lv_ml))
+    es = int(np.argmin(lv_ml))
+    lvedv, lvesv = float(lv_ml[ed]), float(lv_ml[es])
+    rvedv, rvesv = float(rv_ml[ed]), float(rv_ml[es])
     hr = scene.xy(*sub.heart_c)
     return CineStudy(
         images=images, labels=labels, pixel_spacing_mm=spacing, slice_spacing_mm=sub.ss,
@@ -292,6 +291,15 @@ def make_cine(rng: np.random.Generator, n_slices: int = 10, n_phases: int = 25,
         lvef_pct=100.0 * (lvedv - lvesv) / lvedv,
         rvedv_ml=rvedv, rvesv_ml=rvesv,
         rvef_pct=100.0 * (rvedv - rvesv) / rvedv if rvedv > 0 else float("nan"),
-        lv_mass_g=float(vols.lv_myocardium_ml[ed]) * MYOCARDIAL_DENSITY_G_PER_ML,
+        lv_mass_g=float(myo_ml[ed]) * MYOCARDIAL_DENSITY_G_PER_ML,
         heart_center_px=(hr[1], hr[0]),
     )
+
+
+def _label_ml(labels: np.ndarray, value: int, pixel_spacing_mm: tuple[float, float],
+              slice_spacing_mm: float) -> np.ndarray:
+    """Per-phase volume (ml) of one label: voxel count x voxel volume.  Written
+    here rather than taken from the node, so the truth does not share the code
+    it grades."""
+    voxel_ml = pixel_spacing_mm[0] * pixel_spacing_mm[1] * slice_spacing_mm / 1000.0
+    return (labels == value).reshape(labels.shape[0], -1).sum(axis=1) * voxel_ml

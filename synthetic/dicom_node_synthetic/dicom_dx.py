@@ -9,8 +9,7 @@ import datetime as dt
 import numpy as np
 from pydicom import Dataset
 
-from dicom_node.encode.provenance import result_uid
-from dicom_node.encode.derived import set_pixels
+from dicom_node_synthetic._dicom import seeded_uid, set_pixels
 
 __all__ = ["dx_image", "DX_FOR_PRESENTATION"]
 
@@ -22,7 +21,7 @@ def dx_image(image: np.ndarray, *, seed: str, view: str = "PA", monochrome1: boo
              patient_id: str = "SYN0003") -> Dataset:
     """One DX instance from a [0, 1] radiograph (bright = dense)."""
     def uid(*parts: str) -> str:
-        return result_uid("synthetic-dx", seed, *parts)
+        return seeded_uid("synthetic-dx", seed, *parts)
 
     top = (1 << bits) - 1
     stored = np.clip(np.rint(image * top), 0, top).astype(np.uint16)
