@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 
 from prometheus_client import CollectorRegistry
 
-from dicom_node.assemble.completer import Completer
+from dicom_node.complete.completer import Completer
 from dicom_node.config import Config
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import check_pair
@@ -44,7 +44,7 @@ log = logging.getLogger("dicom_node.service")
 
 def worker_main(config: Config, name: str, log_level: str, json_logs: bool) -> None:
     """Entry point of a worker process."""
-    from dicom_node.worker import Worker
+    from dicom_node.infer.worker import Worker
 
     setup_logging(log_level, json_logs)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

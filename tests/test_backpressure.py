@@ -22,7 +22,7 @@ from dicom_node.limits import DiskWatermark, declared_pixel_bytes
 from dicom_node.store.db import InstanceRecord, Store
 from dicom_node.store.retention import run_retention
 from dicom_node.store.spool import Spool
-from dicom_node.worker import Worker, result_dir
+from dicom_node.infer.worker import Worker, result_dir
 
 MiB = 1024 * 1024
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"

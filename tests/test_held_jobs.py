@@ -33,7 +33,7 @@ from dicom_node.send.outbox import Dispatcher
 from dicom_node.store.db import InstanceRecord, JobState, OutboxState, Store
 from dicom_node.store.retention import run_retention
 from dicom_node.store.spool import Spool
-from dicom_node.worker import Worker, result_dir
+from dicom_node.infer.worker import Worker, result_dir
 
 PIPELINE = "test_held_copy"
 REASONS = ("LVEDV 2116.0 ml outside plausible 10-500 ml", "LVEF 5.0 % outside plausible 20-90 %")

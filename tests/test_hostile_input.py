@@ -30,7 +30,7 @@ from dicom_node.route.router import WITHHELD_KEYWORDS, RouteFacts, decide
 from dicom_node.store.db import InstanceRecord, Store
 from dicom_node.store.reconcile import IndexEntry, reconcile
 from dicom_node.store.spool import Spool
-from dicom_node.worker import Worker
+from dicom_node.infer.worker import Worker
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -402,7 +402,7 @@ def test_phi_and_forged_lines_never_reach_the_node_log(node_factory, tmp_path):
 def test_completion_bug_is_retried_not_recorded_as_unrouted(tmp_path, monkeypatch, caplog):
     from prometheus_client import CollectorRegistry
 
-    from dicom_node.assemble import completer as completer_module
+    from dicom_node.complete import completer as completer_module
     from dicom_node.observability.metrics import Metrics
 
     config, store, _, records = _spool_job(tmp_path, _ct(tmp_path, "bug", n=1))
@@ -415,7 +415,7 @@ def test_completion_bug_is_retried_not_recorded_as_unrouted(tmp_path, monkeypatc
         raise RuntimeError("a bug in routing")
 
     monkeypatch.setattr(completer_module, "decide", broken)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.assemble"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.complete"):
         for _ in range(5):
             assert completer.run_once(now=10 ** 10) == []
     series = store.series(uid)

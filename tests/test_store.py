@@ -6,7 +6,7 @@ import threading
 
 from prometheus_client import CollectorRegistry
 
-from dicom_node.assemble.completer import Completer
+from dicom_node.complete.completer import Completer
 from dicom_node.config import load_config
 from dicom_node.observability.metrics import Metrics
 from dicom_node.store.db import InstanceRecord, Store

@@ -28,7 +28,7 @@ from dicom_node.store.db import SeriesRecord, Store
 
 __all__ = ["Completer", "read_header"]
 
-log = logging.getLogger("dicom_node.assemble")
+log = logging.getLogger("dicom_node.complete")
 
 # Unrouted series still wait for quiet before we say so, to log once, not per instance.
 _UNROUTED_QUIET_S = 10.0
