@@ -21,6 +21,7 @@ import yaml
 from dicom_node import __version__
 from dicom_node.config import Config, check_deployment, find_config, load_config
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.store.layout import DataDir
 
 if TYPE_CHECKING:
     import logging
@@ -201,7 +202,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     # Receivers and workers are processes: they share metrics through files
     # (memory-backed, see metrics_dir), and prometheus-client reads the
     # variable when it is first imported, so before the imports below.
-    metrics_dir, where, in_memory = create_metrics_dir(config.data_dir)
+    metrics_dir, where, in_memory = create_metrics_dir(DataDir.of(config).metrics_fallback)
 
     from dicom_node.observability.logs import setup_logging
     from dicom_node.service import Node
@@ -313,7 +314,7 @@ def _store(config: Config) -> Store:
     never run with this configuration."""
     from dicom_node.store.db import Store
 
-    path = config.data_dir / "node.db"
+    path = DataDir.of(config).db
     if not path.is_file():
         raise DicomNodeError(f"no node database at {path}: has `dicom-node serve` run with this "
                              "configuration? (node.data_dir; or give -c)")

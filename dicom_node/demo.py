@@ -19,6 +19,7 @@ from dicom_node.config import Config, Peer
 from dicom_node.net.pynetdicom_compat import configure_process
 from dicom_node.send.scu import StoreRequest, send_files
 from dicom_node.store.db import Store
+from dicom_node.store.layout import DataDir
 from dicom_node_synthetic import cardiac_phantom, ct_phantom, cxr_phantom
 from dicom_node_synthetic.dicom_ct import ct_series
 from dicom_node_synthetic.dicom_dx import dx_image
@@ -98,7 +99,7 @@ def _send(target: Peer, datasets: list[Dataset]) -> bool:
 
 
 def _wait(config: Config, series: set[str], timeout_s: float) -> tuple[int, list[Dataset]]:
-    store = Store(config.data_dir / "node.db")
+    store = Store(DataDir.of(config).db)
     print(f"  waiting for the quiet period, inference and sending (up to {timeout_s:.0f} s) ...")
     deadline = time.time() + timeout_s
     while time.time() < deadline:

@@ -34,6 +34,7 @@ from dicom_node.observability.metrics import (MULTIPROC_ENV, Metrics, RuntimeCol
 from dicom_node.receive.scp import Receiver, reconcile_spool
 from dicom_node.send.outbox import Dispatcher
 from dicom_node.store.db import Store
+from dicom_node.store.layout import DataDir
 from dicom_node.store.retention import run_retention
 from dicom_node.store.spool import Spool
 
@@ -50,8 +51,8 @@ def worker_main(config: Config, name: str, log_level: str, json_logs: bool) -> N
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    store = Store(config.data_dir / "node.db")
-    Worker(config, store, name, Metrics(CollectorRegistry())).run_forever(stop)
+    data = DataDir.of(config)
+    Worker(config, Store(data.db), name, Metrics(CollectorRegistry()), data=data).run_forever(stop)
 
 
 def receiver_main(config: Config, name: str, log_level: str, json_logs: bool) -> None:
@@ -60,8 +61,9 @@ def receiver_main(config: Config, name: str, log_level: str, json_logs: bool) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    store = Store(config.data_dir / "node.db", synchronous="NORMAL")
-    spool = Spool(config.data_dir / "spool")
+    data = DataDir.of(config)
+    store = Store(data.db, synchronous="NORMAL")
+    spool = Spool(data.spool)
     # Process-wide: received datasets go to files in the spool's .tmp.
     pynetdicom_compat.configure_process(send_chunked=False, receive_tmp_dir=spool.tmp)
     receiver = Receiver(config, store, spool,
@@ -95,24 +97,24 @@ class Node:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        data = self.config.data_dir
-        data.mkdir(parents=True, exist_ok=True)
-        self.store = Store(data / "node.db")
-        self.spool = Spool(data / "spool")
+        self.data = data = DataDir.of(self.config)
+        data.root.mkdir(parents=True, exist_ok=True)
+        self.store = Store(data.db)
+        self.spool = Spool(data.spool)
         # Process-wide pynetdicom switches, set once here: results are sent as
         # written, received datasets go to files in the spool's .tmp.
         pynetdicom_compat.configure_process(send_chunked=True, receive_tmp_dir=self.spool.tmp)
         self.metrics = Metrics(self.registry)
         self.exposed = exposition_registry(self.registry)
-        self.exposed.register(StoreCollector(self.store, data,
+        self.exposed.register(StoreCollector(self.store, data.root,
                                              min_free_bytes=self.config.node.min_free_bytes))
         self.exposed.register(RuntimeCollector())
-        self.receive_store = Store(data / "node.db", synchronous="NORMAL")
+        self.receive_store = Store(data.db, synchronous="NORMAL")
         shared_port = self.config.node.receivers > 1
         self.receiver = Receiver(self.config, self.receive_store, self.spool, self.metrics,
                                  reuse_port=shared_port)
-        self.completer = Completer(self.config, self.store, self.metrics)
-        self.dispatcher = Dispatcher(self.config, self.store, self.metrics)
+        self.completer = Completer(self.config, self.store, self.metrics, data=data)
+        self.dispatcher = Dispatcher(self.config, self.store, self.metrics, data=data)
         self.stop_event = threading.Event()
         self.model_problems: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
@@ -205,7 +207,7 @@ class Node:
         failures = RepeatLog(log, logging.ERROR)
         while not self.stop_event.is_set():
             try:
-                run_retention(self.store, self.config.data_dir, spool_days=settings.spool_days,
+                run_retention(self.store, self.data, spool_days=settings.spool_days,
                               results_days=settings.results_days)
                 failures.clear("retention passes work again")
             except Exception as exc:  # noqa: BLE001 - edge of the stage: log and try next time

@@ -21,6 +21,7 @@ from dicom_node.config import Config
 from dicom_node.limits import DiskWatermark, declared_pixel_bytes
 from dicom_node.store.db import InstanceRecord, Store
 from dicom_node.store.retention import run_retention
+from dicom_node.store.layout import DataDir
 from dicom_node.store.spool import Spool
 from dicom_node.infer.worker import Worker, result_dir
 
@@ -320,12 +321,12 @@ def test_retention_removes_only_what_nothing_needs(tmp_path):
     folder_copy.write_bytes(b"site copy")
 
     # Within the age nothing goes.
-    report = run_retention(store, config.data_dir, spool_days=7, results_days=7)
+    report = run_retention(store, DataDir(config.data_dir), spool_days=7, results_days=7)
     assert report.series == 0 and report.result_folders == 0
 
     # Ages 0, a moment later: everything finished is old enough.
     later = time.time() + 1
-    report = run_retention(store, config.data_dir, spool_days=0, results_days=0, now=later)
+    report = run_retention(store, DataDir(config.data_dir), spool_days=0, results_days=0, now=later)
     assert (report.series, report.instances, report.result_folders) == (2, 4, 1)
     for rec in done + pending:  # every job ended: files, rows and folders go
         assert store.instance(rec.sop_uid) is None
@@ -344,7 +345,7 @@ def test_retention_removes_only_what_nothing_needs(tmp_path):
     # Once sent, the pending job's folder goes too; a new instance of a purged
     # series is received into a fresh folder.
     store.mark_sent([i.id for i in store.outbox_items(pending_job)], now=later - 0.5)
-    assert run_retention(store, config.data_dir, spool_days=0, results_days=0,
+    assert run_retention(store, DataDir(config.data_dir), spool_days=0, results_days=0,
                          now=later).result_folders == 1
     assert not result_dir(config, pending_job).exists()
     again = write_ct_series(tmp_path / "done", n=1, size=32, seed="done")

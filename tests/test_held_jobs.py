@@ -32,6 +32,7 @@ from dicom_node.pipelines.base import (
 from dicom_node.send.outbox import Dispatcher
 from dicom_node.store.db import InstanceRecord, JobState, OutboxState, Store
 from dicom_node.store.retention import run_retention
+from dicom_node.store.layout import DataDir
 from dicom_node.store.spool import Spool
 from dicom_node.infer.worker import Worker, result_dir
 
@@ -211,13 +212,13 @@ def test_retention_keeps_held_results_and_removes_discarded(node, tmp_path, capl
     job_id = _run_held(node, tmp_path, caplog)
     folder = result_dir(config, job_id)
     far = 1e12  # everything is older than any cutoff
-    run_retention(store, config.data_dir, spool_days=1, results_days=1, now=far)
+    run_retention(store, DataDir(config.data_dir), spool_days=1, results_days=1, now=far)
     assert len(list(folder.glob("*.dcm"))) == 2
     # The input stays too: the operator may want to look at what was held.
     assert store.count_instances() == 2
     store.discard_job(job_id)
     assert store.expired_result_jobs([job_id], older_than=far) == [job_id]
-    report = run_retention(store, config.data_dir, spool_days=1, results_days=1, now=far)
+    report = run_retention(store, DataDir(config.data_dir), spool_days=1, results_days=1, now=far)
     assert report.result_folders == 1 and report.series == 1
     assert not folder.exists()
 

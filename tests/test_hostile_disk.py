@@ -157,7 +157,7 @@ def test_metrics_folder_is_memory_backed_per_run_and_cleaned(tmp_path, node_fact
 
 def test_metrics_folder_falls_back_to_the_data_dir_and_says_so(tmp_path, monkeypatch):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    folder, line, in_memory = create_metrics_dir(tmp_path / "data", bases=(tmp_path / "none",))
+    folder, line, in_memory = create_metrics_dir(tmp_path / "data" / ".metrics", bases=(tmp_path / "none",))
     assert folder == tmp_path / "data" / ".metrics" and folder.is_dir() and not in_memory
     assert "SIGBUS" in line and os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(folder)
     remove_metrics_dir(folder)

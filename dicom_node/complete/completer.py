@@ -25,6 +25,7 @@ from dicom_node.observability.metrics import Metrics
 from dicom_node.receive.header import read_header_dataset
 from dicom_node.route.router import RouteFacts, decide
 from dicom_node.store.db import SeriesRecord, Store
+from dicom_node.store.layout import DataDir
 
 __all__ = ["Completer", "read_header"]
 
@@ -52,11 +53,12 @@ class _Pending:
 
 
 class Completer:
-    def __init__(self, config: Config, store: Store, metrics: Metrics) -> None:
+    def __init__(self, config: Config, store: Store, metrics: Metrics, *,
+                 data: DataDir | None = None) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
-        self.spool_root = config.data_dir / "spool"
+        self.spool_root = (data or DataDir.of(config)).spool
         # Routing reads a file; remember each series' decision until something
         # it depends on changes, instead of re-reading every pass.
         self._decisions: dict[str, tuple[tuple, Route | None, str]] = {}

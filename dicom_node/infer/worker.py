@@ -34,6 +34,7 @@ from dicom_node.observability.logs import RepeatLog, escape
 from dicom_node.observability.metrics import Metrics
 from dicom_node.pipelines.base import PipelineInput, check_pair, get_pipeline
 from dicom_node.store.db import Job, JobState, Store
+from dicom_node.store.layout import DataDir
 from dicom_node.store.spool import atomic_write, is_valid_uid
 
 __all__ = ["Worker", "is_disk_full", "result_dir"]
@@ -70,20 +71,21 @@ def _int_or_one(value: object) -> int:
 
 
 def result_dir(config: Config, job_id: int) -> Path:
-    return config.data_dir / "outgoing" / f"job-{job_id}"
+    return DataDir.of(config).job_results(job_id)
 
 
 class Worker:
     def __init__(self, config: Config, store: Store, name: str | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, *, data: DataDir | None = None) -> None:
         self.config = config
+        self.data = data or DataDir.of(config)
         self.metrics = metrics or Metrics(CollectorRegistry())
         self.store = store
         self.name = name or f"worker-{os.getpid()}"
         inf = config.inference
         self.models = ModelRegistry.from_settings(config.models_dir, inf)
-        self.spool_root = config.data_dir / "spool"
-        self.tmp = config.data_dir / "spool" / ".tmp"
+        self.spool_root = self.data.spool
+        self.tmp = self.data.tmp
         self._stop = Event()
         # A full disk repeats the same error for every job: say it once, then count.
         self._disk_full = RepeatLog(log, logging.WARNING)
@@ -317,7 +319,7 @@ class Worker:
                                  f"into {frames} frames: {exc}") from None
 
     def _write(self, job_id: int, datasets: list[Dataset]) -> list[Path]:
-        folder = result_dir(self.config, job_id)
+        folder = self.data.job_results(job_id)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for ds in datasets:

@@ -54,12 +54,12 @@ def _reap_stale(base: Path, host: str) -> int:
     return removed
 
 
-def create_metrics_dir(data_dir: Path,
+def create_metrics_dir(fallback: Path,
                        bases: tuple[Path, ...] = _BASES) -> tuple[Path, str, bool]:
     """Make this run's metrics folder and point prometheus-client at it.
 
-    Returns (folder, a line for the log, whether it is memory-backed).  Falls back to ``data_dir/.metrics``
-    when no memory-backed base is writable, and says so: then a full data disk
+    Returns (folder, a line for the log, whether it is memory-backed).  Falls back to ``fallback``
+    (``DataDir.metrics_fallback``) when no memory-backed base is writable, and says so: then a full data disk
     can still kill processes with SIGBUS."""
     host = socket.gethostname()
     for base in bases:
@@ -76,7 +76,7 @@ def create_metrics_dir(data_dir: Path,
         os.environ[MULTIPROC_ENV] = str(folder)
         note = f"; removed {reaped} left by dead runs" if reaped else ""
         return folder, f"metrics of all processes shared through {folder} (memory-backed){note}", True
-    folder = data_dir / ".metrics"
+    folder = fallback
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     os.environ[MULTIPROC_ENV] = str(folder)

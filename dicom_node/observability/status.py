@@ -44,6 +44,7 @@ from dicom_node.config import (
 )
 from dicom_node.errors import JobStateError
 from dicom_node.store.db import JobState, OutboxState, Store
+from dicom_node.store.layout import DataDir
 
 __all__ = ["Response", "StatusPage"]
 
@@ -186,7 +187,7 @@ class StatusPage:
     def __post_init__(self) -> None:
         self.settings = self.config.node.http
         self.prefix = self.settings.path_prefix
-        self.data = StatusData(self.config.data_dir / "node.db")
+        self.data = StatusData(DataDir.of(self.config).db)
         if self.echo is None:
             self.echo = self._echo
 

@@ -28,6 +28,7 @@ from dicom_node.observability.metrics import Metrics
 from dicom_node.send.dicomweb import send_dicomweb
 from dicom_node.send.scu import StoreOutcome, StoreRequest, send_files
 from dicom_node.store.db import OutboxItem, Store
+from dicom_node.store.layout import DataDir
 from dicom_node.store.spool import atomic_write
 
 __all__ = ["Dispatcher", "backoff"]
@@ -40,11 +41,12 @@ def backoff(attempts: int, initial: float, cap: float) -> float:
 
 
 class Dispatcher:
-    def __init__(self, config: Config, store: Store, metrics: Metrics) -> None:
+    def __init__(self, config: Config, store: Store, metrics: Metrics, *,
+                 data: DataDir | None = None) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
-        self.tmp = config.data_dir / "spool" / ".tmp"
+        self.tmp = (data or DataDir.of(config)).tmp
         self._failures = RepeatLog(log)
         # Destinations failing now -> [first reason, failed attempts since]:
         # one line when a destination starts failing, one when it recovers,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.store.db import Store
+from dicom_node.store.layout import DataDir
 
 __all__ = ["RetentionReport", "purge_outgoing", "purge_spool", "run_retention"]
 
@@ -37,12 +38,12 @@ class RetentionReport:
     bytes_freed: int = 0
 
 
-def run_retention(store: Store, data_dir: Path, *, spool_days: float, results_days: float,
+def run_retention(store: Store, data: DataDir, *, spool_days: float, results_days: float,
                   now: float | None = None) -> RetentionReport:
     """One pass over spool and outgoing; ``now`` lets tests control the age."""
     now = time.time() if now is None else now
-    series, instances, spool_bytes = purge_spool(store, data_dir / "spool", now - spool_days * _DAY_S)
-    folders, result_bytes = purge_outgoing(store, data_dir / "outgoing", now - results_days * _DAY_S)
+    series, instances, spool_bytes = purge_spool(store, data.spool, now - spool_days * _DAY_S)
+    folders, result_bytes = purge_outgoing(store, data.outgoing, now - results_days * _DAY_S)
     report = RetentionReport(series, instances, folders, spool_bytes + result_bytes)
     if series or folders:
         log.info("retention removed %d series (%d instances) and %d result folders, %d bytes",
