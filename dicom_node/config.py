@@ -16,6 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, 
                       field_serializer, field_validator, model_validator)
 
 from dicom_node.errors import ConfigError
+from dicom_node.security.tls import client_context, server_context
 
 __all__ = [
     "AETitle",
@@ -67,7 +68,8 @@ def _check_ae(value: str) -> str:
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
 
 
-# -- TLS (built into ssl contexts by dicom_node/security/tls.py) ------------------
+# -- TLS (built into ssl contexts by dicom_node/security/tls.py, which imports
+# nothing of ours; here only to refuse unusable files at load) -----------------
 # TLS 1.2 or newer only; that is fixed, not a setting.  Relative paths resolve
 # against the config's base dir (as data_dir does) and the files must exist
 # when the configuration is loaded, so check-config names a missing one.
@@ -112,7 +114,6 @@ class TlsSettings(_Frozen):
     def _loadable(self) -> TlsSettings:
         if self.require_client_certificate and self.ca_file is None:
             raise ValueError("require_client_certificate needs ca_file to verify clients against")
-        from dicom_node.security.tls import server_context
         server_context(self)  # a key that does not match, or a non-PEM file, fails here
         return self
 
@@ -138,7 +139,6 @@ class PeerTlsSettings(_Frozen):
     def _loadable(self) -> PeerTlsSettings:
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("certificate and private_key go together (give both or neither)")
-        from dicom_node.security.tls import client_context
         client_context(self)
         return self
 
@@ -569,6 +569,17 @@ class InferenceSettings(_Frozen):
     device_id: int = Field(default=0, ge=0)
     intra_op_threads: int = Field(default=0, ge=0)  # 0 = onnxruntime decides
     batch_size: int = Field(default=4, ge=1)
+    # /readyz is not ready while a model run in process got no GPU provider
+    # (a GPU node quietly fallen back to the CPU); remote models are the server's.
+    require_gpu: bool = False
+
+    @model_validator(mode="after")
+    def _gpu(self) -> InferenceSettings:
+        gpu = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+        if self.require_gpu and not gpu & set(self.providers):
+            raise ValueError(f"inference.require_gpu: true needs a GPU provider in inference.providers "
+                             f"(it has {', '.join(self.providers)})")
+        return self
 
     @model_validator(mode="after")
     def _backends(self) -> InferenceSettings:

@@ -31,7 +31,7 @@ from pydicom import dcmread
 
 from dicom_node.config import Peer, load_config
 from dicom_node.errors import ConfigError, SendError
-from dicom_node.security.tls import client_context, server_context
+from dicom_node.security.tls import ClientContexts, client_context, server_context
 from dicom_node.send.scu import StoreRequest, send_files
 
 N = 4  # CT slices per series: the denoiser returns N derived CT + 1 SR
@@ -290,3 +290,16 @@ def test_contexts_refuse_tls_older_than_1_2(pki, tmp_path):
     assert server.verify_mode == ssl.CERT_REQUIRED
     # The peer's certificate is always verified; only the host name check is optional.
     assert client.verify_mode == ssl.CERT_REQUIRED and client.check_hostname is False
+
+
+def test_client_contexts_are_built_once_and_rebuilt_when_a_file_changes(pki, tmp_path):
+    shutil.copy(pki.ca, tmp_path / "ca.pem")
+    config = _load(tmp_path, peers=[_peer(104, {"ca_file": "ca.pem"})])
+    contexts = ClientContexts()
+    first = contexts.get(config.peers[0].tls)
+    assert contexts.get(config.peers[0].tls) is first
+    # A renewed CA bundle (new inode, size or mtime) is taken up without a restart.
+    (tmp_path / "ca.pem").unlink()
+    (tmp_path / "ca.pem").write_bytes(pki.ca.read_bytes() + b"\n")
+    renewed = contexts.get(config.peers[0].tls)
+    assert renewed is not first and contexts.get(config.peers[0].tls) is renewed

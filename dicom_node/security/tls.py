@@ -11,15 +11,39 @@ OpenSSL prompt for a password on a terminal nobody watches.
 from __future__ import annotations
 
 import ssl
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # config imports this module while validating; no cycle at run time
-    from dicom_node.config import PeerTlsSettings, TlsSettings
-
-__all__ = ["MINIMUM_VERSION", "TlsError", "client_context", "server_context"]
+__all__ = ["MINIMUM_VERSION", "ClientContexts", "ClientTls", "ServerTls", "TlsError", "client_context",
+           "server_context"]
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+# What the contexts are built from.  Protocols rather than the config's
+# classes: config.py imports this module to check the files at load, so this
+# module imports nothing of the node's.
+class ServerTls(Protocol):
+    @property
+    def certificate(self) -> Path: ...
+    @property
+    def private_key(self) -> Path: ...
+    @property
+    def ca_file(self) -> Path | None: ...
+    @property
+    def require_client_certificate(self) -> bool: ...
+
+
+class ClientTls(Protocol):
+    @property
+    def ca_file(self) -> Path | None: ...
+    @property
+    def certificate(self) -> Path | None: ...
+    @property
+    def private_key(self) -> Path | None: ...
+    @property
+    def check_hostname(self) -> bool: ...
 
 
 class TlsError(ValueError):
@@ -29,7 +53,7 @@ class TlsError(ValueError):
     """
 
 
-def server_context(tls: TlsSettings) -> ssl.SSLContext:
+def server_context(tls: ServerTls) -> ssl.SSLContext:
     """The SCP's context: our certificate and key, and the CA bundle that
     client certificates must chain to.  Without ``require_client_certificate``
     a client certificate is still verified when one is presented."""
@@ -44,7 +68,7 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext:
     return ctx
 
 
-def client_context(tls: PeerTlsSettings) -> ssl.SSLContext:
+def client_context(tls: ClientTls) -> ssl.SSLContext:
     """The SCU's context for one peer: the server's certificate must chain to
     ``ca_file`` (or the system's CAs when none is given); our certificate is
     sent when the peer asks for one."""
@@ -58,6 +82,39 @@ def client_context(tls: PeerTlsSettings) -> ssl.SSLContext:
     if tls.certificate is not None and tls.private_key is not None:
         _load_chain(ctx, tls.certificate, tls.private_key)
     return ctx
+
+
+class ClientContexts:
+    """Client contexts built once per peer and reused for every send, rebuilt
+    only when one of the peer's files changes (a renewed certificate is taken
+    up without a restart).  Thread-safe: the dispatcher sends from threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._built: dict[object, tuple[tuple, ssl.SSLContext]] = {}
+
+    def get(self, tls: ClientTls) -> ssl.SSLContext:
+        stamp = _stamp(tls.ca_file, tls.certificate, tls.private_key)
+        with self._lock:
+            built = self._built.get(tls)
+            if built is not None and built[0] == stamp:
+                return built[1]
+        ctx = client_context(tls)
+        with self._lock:
+            self._built[tls] = (stamp, ctx)
+        return ctx
+
+
+def _stamp(*paths: Path | None) -> tuple:
+    """(mtime, size, inode) of each file, None for an absent one."""
+    out = []
+    for path in paths:
+        try:
+            st = path.stat() if path is not None else None
+        except OSError:
+            st = None
+        out.append(None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
 
 
 def _refuse_password() -> str:

@@ -28,6 +28,7 @@ from dicom_node.observability.metrics import Metrics
 from dicom_node.send.dicomweb import send_dicomweb
 from dicom_node.send.scu import StoreOutcome, StoreRequest, send_files
 from dicom_node.store.db import OutboxItem, Store
+from dicom_node.security.tls import ClientContexts
 from dicom_node.store.layout import DataDir
 from dicom_node.store.spool import atomic_write
 
@@ -47,6 +48,8 @@ class Dispatcher:
         self.store = store
         self.metrics = metrics
         self.tmp = (data or DataDir.of(config)).tmp
+        # Built once per peer, not per batch.
+        self._tls = ClientContexts()
         self._failures = RepeatLog(log)
         # Destinations failing now -> [first reason, failed attempts since]:
         # one line when a destination starts failing, one when it recovers,
@@ -101,7 +104,7 @@ class Dispatcher:
                     outcomes = send_files(
                         self._peer(dest, source_ae), requests,
                         calling_ae=self.config.node.ae_title,
-                        timeout_s=self.config.outbox.connect_timeout_s)
+                        timeout_s=self.config.outbox.connect_timeout_s, tls_contexts=self._tls)
             except SendError as exc:
                 for item in batch:
                     self._fail(item, exc.reason, retryable=exc.retryable)

@@ -25,7 +25,7 @@ from dicom_node.errors import SendError
 from dicom_node.net import pynetdicom_compat as compat
 from dicom_node.net.pdu import BoundedPduReader, PduLimits, advertised_max_pdu
 from dicom_node.net.sockets import SEND_LOOP_DELAY, tune_socket
-from dicom_node.security.tls import TlsError, client_context
+from dicom_node.security.tls import ClientContexts, TlsError
 
 __all__ = ["StoreRequest", "StoreOutcome", "send_files", "status_is_success"]
 
@@ -78,9 +78,11 @@ def _tuner(limits: PduLimits, peer_name: str) -> evt.EventHandlerType:
 
 
 def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
-               timeout_s: float = 30.0, max_pdu: int = 262144) -> list[StoreOutcome]:
+               timeout_s: float = 30.0, max_pdu: int = 262144,
+               tls_contexts: ClientContexts | None = None) -> list[StoreOutcome]:
     """Send on one association.  Raises SendError when no association could be
-    made; per-object failures come back as outcomes."""
+    made; per-object failures come back as outcomes.  ``tls_contexts``: the
+    caller's built contexts, reused across sends; one is built when absent."""
     ae = AE(ae_title=calling_ae)
     ae.maximum_pdu_size = advertised_max_pdu(max_pdu)
     limits = PduLimits(max_pdu=advertised_max_pdu(max_pdu), network_timeout_s=timeout_s)
@@ -95,7 +97,7 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     contexts = [build_context(c, [ts]) for c in classes for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
     assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
                          evt_handlers=[_tuner(limits, peer.name)],
-                         tls_args=_tls_args(peer))
+                         tls_args=_tls_args(peer, tls_contexts or ClientContexts()))
     if assoc.is_rejected:
         raise SendError(peer.name, f"association rejected by {peer.ae_title}", retryable=False)
     if not assoc.is_established:
@@ -125,13 +127,13 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     return outcomes
 
 
-def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+def _tls_args(peer: Peer, contexts: ClientContexts) -> tuple[ssl.SSLContext, str] | None:
     """(context, server name) for pynetdicom when the peer is configured for TLS.
     The host goes along as the name to check when tls.check_hostname is set."""
     if peer.tls is None:
         return None
     try:
-        return client_context(peer.tls), peer.host
+        return contexts.get(peer.tls), peer.host
     except TlsError as exc:  # the files were checked at start; one changed since
         raise SendError(peer.name, f"peers.{peer.name}.tls: {exc}", retryable=True) from exc
 
