@@ -1,6 +1,17 @@
 # dicom-node on CUDA: onnxruntime-gpu uses the GPU when the container gets one
-# (docker run --gpus all), and its CPU provider otherwise.
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# (docker run --gpus all, host driver 580 or newer), and its CPU provider
+# otherwise, saying why in the log (and /readyz with inference.require_gpu).
+#
+# The CUDA libraries come from the base image, whose CUDA and cuDNN majors
+# must be those the pinned onnxruntime-gpu was built for (pyproject.toml:
+# CUDA 13, cuDNN 9; tests/test_gpu_providers.py checks the two agree).  The
+# image rather than onnxruntime-gpu's [cuda,cudnn] wheel extras with
+# preload_dlls(): the extras' ranges (~=13.0) float to the newest 13.x wheels
+# at each build, while a tagged image is one fixed set of cudart, cuBLAS,
+# cuFFT, cuRAND and cuDNN that the ordinary dynamic linker finds, with no
+# preload step in the node.  TensorRT (libnvinfer) is not in it, so the image
+# offers the CUDA provider only.
+FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 # Not version-pinned: the base image's Ubuntu release pins them (see .hadolint.yaml).
@@ -23,7 +34,7 @@ VOLUME ["/data"]
 EXPOSE 11112 9109
 
 # Ready = store writable, models verified, disk free, DICOM port listening,
-# workers alive; urlopen raises (exit 1) on the 503 that names what failed.
+# workers alive (and with inference.require_gpu, no model on the CPU); urlopen raises (exit 1) on the 503 that names what failed.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
     CMD ["/opt/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9109/readyz', timeout=4)"]
 

@@ -16,7 +16,7 @@ OHIF_VERSION := 3.13.2
 OHIF_DIST := .cache/ohif/ohif-app-$(OHIF_VERSION)/dist
 TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell cat tests/kserve_server/requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test setup test-peers triton-server bench clean install ohif docs-screenshots
+.PHONY: run test setup test-peers triton-server bench gpu-check clean install ohif docs-screenshots
 
 setup: $(STAMP)
 
@@ -55,6 +55,7 @@ $(OHIF_DIST)/index.html: | $(STAMP)
 
 test: $(STAMP) $(TRITON_STAMP) test-peers ohif
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # Refresh the README's viewer screenshots (docs/viewer-*.png) from a run of the viewer test.
@@ -63,6 +64,10 @@ docs-screenshots: $(STAMP) test-peers ohif
 
 bench: $(STAMP) test-peers
 	$(PY) bench/ingest.py && $(PY) bench/send.py && $(PY) bench/denoise.py && $(PY) bench/cardiac.py && $(PY) bench/cxr.py && $(PY) bench/memory.py
+
+# On a GPU host: CUDA obtained for every model, CUDA = CPU within tolerance, throughput (bench/gpu.py).
+gpu-check: $(STAMP)
+	$(PY) bench/gpu.py
 
 # Production install (root): user dicom-node, /opt/dicom-node/.venv,
 # /etc/dicom-node/node.yaml, /var/lib/dicom-node, the systemd unit, enabled.

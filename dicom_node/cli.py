@@ -13,13 +13,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from collections.abc import Sequence
 
 import yaml
 
 from dicom_node import __version__
-from dicom_node.config import Config, check_deployment, find_config, load_config
+from dicom_node.config import Config, Peer, check_deployment, find_config, load_config
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.store.layout import DataDir
 
@@ -34,7 +34,7 @@ __all__ = ["main"]
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (with where to find help), exit 2."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
@@ -52,7 +52,7 @@ def _common(parser: argparse.ArgumentParser, *, after: bool) -> None:
                              "index: --set node.port=11113, --set routes.ct.quiet_seconds=5")
 
 
-def _sub(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+def _sub(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, **kwargs)
     _common(parser, after=True)
     return parser
@@ -454,8 +454,9 @@ def _release(store: Store, job_id: int) -> int:
     items = store.release_job(job_id)
     # An audit trail of the operator's decision; the reason reads
     # "released by operator after: <why it was held>".
+    job = store.job(job_id)
     _audit_log().warning("job %d %s (operator %s); %d result objects queued", job_id,
-                         store.job(job_id).reason, _operator(), len(items))
+                         job.reason if job else "", _operator(), len(items))
     print(f"job {job_id} released by operator: {len(items)} outbox items queued to send")
     return 0
 
@@ -538,7 +539,7 @@ def _echo(config: Config, args: argparse.Namespace) -> int:
     if dest is not None and dest.kind == "dicomweb":
         from dicom_node.send.dicomweb import echo_dicomweb
 
-        ok, detail = echo_dicomweb(dest)  # type: ignore[arg-type]
+        ok, detail = echo_dicomweb(dest)
         if not ok:
             print(f"dicom-node: echo {name}: dicomweb destination FAILED: {detail}", file=sys.stderr)
             return 1
@@ -562,7 +563,7 @@ def _echo(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _c_echo(peer, calling_ae: str, timeout_s: float) -> str | None:
+def _c_echo(peer: Peer, calling_ae: str, timeout_s: float) -> str | None:
     """Why a C-ECHO to ``peer`` failed, or None (dicom_node/send/echo.py, as
     the status page's echo action, after a TCP probe for the precise reason)."""
     import logging

@@ -608,8 +608,11 @@ class InferenceSettings(_Frozen):
             return None
         model = self.models.get(name) or ModelBackendSettings()
         server = self.kserve
+        url = model.url or server.url
+        if url is None:  # refused at load (_backends); checked again for the type checker
+            raise ValueError(f"inference.models.{name}.url: backend kserve needs the server's host:port")
         return KServeTarget(
-            url=model.url or server.url, protocol=model.protocol or server.protocol,
+            url=url, protocol=model.protocol or server.protocol,
             model_name=model.model_name or name, model_version=model.model_version or "",
             timeout_s=model.timeout_s or server.timeout_s,
             tls=model.tls if model.tls is not None else server.tls,
@@ -820,7 +823,7 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"--set {key}: {where} is a value ({node!r}), not a section")
 
 
-def _list_index(items: list, part: str, key: str, where: str) -> int:
+def _list_index(items: list[Any], part: str, key: str, where: str) -> int:
     if part.lstrip("-").isdigit():
         index = int(part)
         if not -len(items) <= index < len(items):

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -125,7 +125,7 @@ _LABELS = {"ct_denoise": "CT", "cardiac_seg": "MR", "cxr_triage": "CXR"}
 
 
 def _read(paths: set[Path]) -> list[Dataset]:
-    out = []
+    out: list[Dataset] = []
     for path in sorted(paths):
         try:
             out.append(dcmread(path))
@@ -164,7 +164,7 @@ def summarize(pipeline: str, results: list[Dataset]) -> str:
     return f"{len(results)} result objects"
 
 
-def _content(ds: Dataset):
+def _content(ds: Dataset) -> Iterator[Dataset]:
     """Every content item of an SR, depth first."""
     stack = list(reversed(ds.get("ContentSequence", [])))
     while stack:

@@ -163,7 +163,7 @@ class CodestreamHeader:
 def _u16(data: bytes, at: int) -> int:
     if at + 2 > len(data):
         raise CodestreamError("codestream ends inside its header")
-    return struct.unpack_from(">H", data, at)[0]
+    return int(struct.unpack_from(">H", data, at)[0])
 
 
 def _j2k_siz(data: bytes, at: int) -> CodestreamHeader:
@@ -263,7 +263,7 @@ def _rle_segments(frame: bytes) -> int:
     if offsets[0] != 64 or any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)) \
             or offsets[-1] >= len(frame):
         raise CodestreamError("RLE header's segment offsets are not increasing inside the frame")
-    return count
+    return int(count)
 
 
 def check_encapsulated_frames(header: Any, frames: Iterator[bytes], transfer_syntax: str,

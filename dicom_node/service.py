@@ -77,7 +77,7 @@ def _forget_process(pid: int | None) -> None:
     """Drop a dead process's live gauges from the shared metrics files."""
     if pid is not None and os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped upstream
 
 
 @dataclass
@@ -149,7 +149,7 @@ class Node:
         for slot in self._workers:
             self._start_worker(slot)
 
-    def _spawn_thread(self, name: str, target) -> None:
+    def _spawn_thread(self, name: str, target: Callable[[], object]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
@@ -265,7 +265,7 @@ class Node:
             elif verdict.ok:
                 log.info("model %s passed its contract check (%s)", name, verdict.detail)
 
-    def _checks(self) -> dict:
+    def _checks(self) -> dict[str, Callable[[], str | None]]:
         def store() -> str | None:
             # Both really write: a database row, and a synced file in the
             # spool, so a full or read-only file system shows here.
@@ -313,6 +313,17 @@ class Node:
             dead = [s.name for s in self._workers if s.process is None or not s.process.is_alive()]
             return f"not running: {', '.join(dead)}" if dead else None
 
+        def gpu() -> str | None:
+            # The sessions the start-up check created, on the providers the
+            # workers are given: a model there on the CPU is on the CPU in them.
+            registry = getattr(self, "_model_registry", None)
+            if registry is None:
+                return "models not loaded yet"
+            fallen = {name: registry.cpu_fallback(name) for name in sorted({r.model for r in self.config.routes})}
+            return "; ".join(f"model {k} {v}" for k, v in fallen.items() if v) or None
+
         checks = {"store": store, "models": models, "disk": disk, "dicom": dicom, "workers": workers}
+        if self.config.inference.require_gpu:
+            checks["gpu"] = gpu
         checks.update({f"model {name}": model_check(name) for name in sorted({r.model for r in self.config.routes})})
         return checks

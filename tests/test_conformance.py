@@ -203,3 +203,213 @@ def _other_pipelines_produce() -> set[str]:
         result = get_pipeline(name).run(PipelineInput(1, name, datasets, {}), registry.get(name))
         produced |= {str(ds.SOPClassUID) for ds in result.datasets}
     return produced
+
+
+# --- result objects: dciodvfy warnings, codes, colours, series --------------------
+
+# What dciodvfy still says of every result object, and why it stays:
+_ACCEPTED_WARNINGS = {
+    # IHE AIR asks for the Device UID in Contributing Equipment; the IOD does not list it.
+    "Warning - Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
+    "Warning - Dicom dataset contains attributes not present in standard DICOM IOD - this is a "
+    "Standard Extended SOP Class",
+}
+_PRIVATE_WARNING = "Warning - Unrecognized defined term <99DCMNODE> for value 1 of attribute <Coding Scheme Designator>"
+# The only concepts left in the private scheme: no standard code exists for them.
+_PRIVATE_CODES = {"cxr_triage": {"SENS_TARGET"}, "ct_denoise": {"NOISE", "CNR"}, "cardiac_seg": set()}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, list]:
+    """Each pipeline's results on tiny inputs, written and read back."""
+    import numpy as np
+
+    from dicom_node_synthetic import cardiac_phantom, cxr_phantom
+    from dicom_node_synthetic.dicom_dx import dx_image
+    from dicom_node_synthetic.dicom_mr import cine_series
+
+    folder = tmp_path_factory.mktemp("results")
+    registry = ModelRegistry(REPO / "models_onnx", ["CPUExecutionProvider"])
+    study = cardiac_phantom.make_cine(np.random.default_rng(1), n_slices=3, n_phases=4, size=128)
+    inputs = {
+        "ct_denoise": [dcmread(p) for p in write_ct_series(folder / "ct", n=4, size=96, seed="conf")],
+        "cardiac_seg": [_roundtrip(d) for d in cine_series(
+            study.images, seed="conf", pixel_spacing_mm=study.pixel_spacing_mm,
+            slice_spacing_mm=study.slice_spacing_mm)],
+        "cxr_triage": [_roundtrip(dx_image(cxr_phantom.make_radiograph(
+            np.random.default_rng(1), None, size=(256, 256)).image, seed="conf"))],
+    }
+    out = {}
+    for name, datasets in inputs.items():
+        result = get_pipeline(name).run(PipelineInput(1, name, datasets, {"batch_size": 4}), registry.get(name))
+        out[name] = [_roundtrip(ds) for ds in result.datasets if ds.Modality != "CT"]
+    out["inputs"] = inputs  # type: ignore[assignment]
+    out["folder"] = folder  # type: ignore[assignment]
+    return out
+
+
+def _roundtrip(ds):
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return dcmread(buf)
+
+
+def _codes(ds, scheme: str) -> set[str]:
+    """Code values of ``scheme`` anywhere in an SR's content tree."""
+    found, stack = set(), list(ds.get("ContentSequence", []))
+    while stack:
+        item = stack.pop()
+        for key in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            found |= {str(c.CodeValue) for c in item.get(key, []) if c.CodingSchemeDesignator == scheme}
+        for mv in item.get("MeasuredValueSequence", []):
+            found |= {str(c.CodeValue) for c in mv.MeasurementUnitsCodeSequence if c.CodingSchemeDesignator == scheme}
+        stack.extend(item.get("ContentSequence", []))
+    return found
+
+
+def _dciodvfy(path) -> list[str]:
+    import subprocess
+
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.startswith(("Error", "Warning"))]
+
+
+@pytest.mark.parametrize("pipeline", ["ct_denoise", "cardiac_seg", "cxr_triage"])
+def test_result_objects_have_no_dciodvfy_errors_and_only_the_accepted_warnings(results, pipeline):
+    for i, ds in enumerate(results[pipeline]):
+        path = results["folder"] / f"{pipeline}-{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        lines = _dciodvfy(path)
+        assert not [x for x in lines if x.startswith("Error")], (pipeline, ds.Modality, lines)
+        # No empty Laterality: absent for the unpaired chest and heart.
+        assert not [x for x in lines if "Laterality" in x], (pipeline, ds.Modality, lines)
+        private = _codes(ds, "99DCMNODE")
+        assert private <= _PRIVATE_CODES[pipeline], (pipeline, ds.Modality, private)
+        # One warning per private code item plus the scheme's declaration; none where none is used.
+        declared = [i for i in ds.get("CodingSchemeIdentificationSequence", [])
+                    if i.CodingSchemeDesignator == "99DCMNODE"]
+        assert bool(declared) == bool(private), (pipeline, ds.Modality)
+        assert set(lines) - {_PRIVATE_WARNING} <= _ACCEPTED_WARNINGS, (pipeline, ds.Modality, lines)
+
+
+def test_triage_result_is_in_standard_codes_with_its_wording_in_text(results):
+    [sr] = [ds for ds in results["cxr_triage"] if ds.Modality == "SR"]
+    assert _codes(sr, "99DCMNODE") == {"SENS_TARGET"}
+    [group] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"
+               ][0].ContentSequence
+    coded = {(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodingSchemeDesignator):
+             (i.ConceptCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodingSchemeDesignator)
+             for i in group.ContentSequence if i.ValueType == "CODE"}
+    finding = coded[("121071", "DCM")]  # Finding: SCT Abnormal or Normal (CID 222)
+    assert finding in {("263654008", "SCT"), ("17621005", "SCT")}
+    assert coded[("121402", "DCM")] == finding  # Normality
+    texts = {i.ConceptNameCodeSequence[0].CodeMeaning: str(i.TextValue)
+             for i in group.ContentSequence if i.ValueType == "TEXT"}
+    assert texts["Comment"].startswith("AI triage aid, not a diagnosis")
+    assert texts["Recommendation"] == ("Abnormal - needs review" if finding[0] == "263654008"
+                                       else "Normal (AI triage) - no review flag")
+    names = [i.ConceptNameCodeSequence[0].CodeValue for i in group.ContentSequence
+             if i.ValueType in ("CODE", "TEXT") and i.ConceptNameCodeSequence[0].CodeMeaning != "Algorithm Parameters"]
+    assert len(names) == len(set(names)), names
+
+
+def test_secondary_captures_carry_the_body_part_and_no_empty_laterality(results):
+    for pipeline, part in (("cxr_triage", "CHEST"), ("cardiac_seg", "HEART")):
+        [sc] = [ds for ds in results[pipeline] if ds.Modality == "OT"]
+        assert sc.BodyPartExamined == part and "Laterality" not in sc, pipeline
+
+
+def test_phase_segs_are_each_in_their_own_series_and_stable(results):
+    segs = [ds for ds in results["cardiac_seg"] if ds.Modality == "SEG"]
+    assert [s.ContentLabel for s in segs] == ["ED_PHASE", "ES_PHASE"]
+    assert len({s.SeriesInstanceUID for s in segs}) == 2
+    assert len({s.SeriesNumber for s in segs}) == 2
+    assert [s.SeriesDescription.split()[3] for s in segs] == ["ED", "ES"]
+    # A rerun gives the same UIDs: results replace, never duplicate.
+    registry = ModelRegistry(REPO / "models_onnx", ["CPUExecutionProvider"])
+    again = get_pipeline("cardiac_seg").run(PipelineInput(2, "r", results["inputs"]["cardiac_seg"], {}),
+                                            registry.get("cardiac_seg"))
+    assert [(s.SeriesInstanceUID, s.SOPInstanceUID) for s in again.datasets if s.Modality == "SEG"] == \
+        [(s.SeriesInstanceUID, s.SOPInstanceUID) for s in segs]
+
+
+def _capture_colours(sc) -> set[tuple[int, int, int]]:
+    import numpy as np
+
+    rgb = sc.pixel_array.reshape(-1, 3)
+    return {tuple(int(v) for v in c) for c in np.unique(rgb, axis=0)}
+
+
+def test_segment_colours_come_from_the_manifest(results):
+    from types import SimpleNamespace
+
+    from highdicom.color import CIELabColor
+
+    registry = ModelRegistry(REPO / "models_onnx", ["CPUExecutionProvider"])
+    model = registry.get("cardiac_seg")
+    labels = model.manifest.segmentation.labels
+    assert all(lab.color_rgb is not None for lab in labels), "the shipped manifest gives every colour"
+    [seg, _] = [ds for ds in results["cardiac_seg"] if ds.Modality == "SEG"]
+    shipped = {s.SegmentNumber: list(s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence}
+    assert shipped == {lab.value: list(CIELabColor.from_rgb(*lab.color_rgb).value) for lab in labels}
+    # Other colours in the manifest: the SEG and the capture's contours follow them.
+    mine = {1: (200, 0, 200), 2: (0, 200, 200), 3: (250, 150, 0)}
+    segmentation = model.manifest.segmentation.model_copy(update={"labels": [
+        lab.model_copy(update={"color_rgb": mine[lab.value]}) for lab in labels]})
+    manifest = model.manifest.model_copy(update={"segmentation": segmentation})
+    recoloured = SimpleNamespace(manifest=manifest, provider=model.provider, run=model.run)
+    result = get_pipeline("cardiac_seg").run(PipelineInput(3, "r", results["inputs"]["cardiac_seg"], {}),
+                                             recoloured)
+    [seg] = [ds for ds in result.datasets if ds.Modality == "SEG"][:1]
+    for segment in seg.SegmentSequence:
+        shown = CIELabColor.from_dicom_value(segment.RecommendedDisplayCIELabValue).to_rgb()
+        assert max(abs(a - b) for a, b in zip(shown, mine[segment.SegmentNumber], strict=True)) <= 2, segment
+    [sc] = [ds for ds in result.datasets if ds.Modality == "OT"]
+    assert set(mine.values()) <= _capture_colours(_roundtrip(sc))
+    # No colour in the manifest: a fixed one by the type code, whatever the label number.
+    # (listed 3, 2, 1: the order of a manifest's labels does not matter either)
+    renumbered = model.manifest.segmentation.model_copy(update={"labels": [
+        lab.model_copy(update={"color_rgb": None, "value": 4 - lab.value}) for lab in labels]})
+    plain = SimpleNamespace(manifest=model.manifest.model_copy(update={"segmentation": renumbered}),
+                            provider=model.provider, run=model.run)
+    result = get_pipeline("cardiac_seg").run(PipelineInput(4, "r", results["inputs"]["cardiac_seg"], {}), plain)
+    seg = next(ds for ds in result.datasets if ds.Modality == "SEG")
+    by_name = {s.SegmentLabel: CIELabColor.from_dicom_value(s.RecommendedDisplayCIELabValue).to_rgb()
+               for s in seg.SegmentSequence}
+    for name, rgb in (("LV cavity", (255, 64, 64)), ("LV myocardium", (64, 220, 64)), ("RV cavity", (64, 128, 255))):
+        assert max(abs(a - b) for a, b in zip(by_name[name], rgb, strict=True)) <= 2, (name, by_name[name])
+
+
+def test_manifest_colour_out_of_range_is_one_line_naming_the_key():
+    import yaml
+
+    from dicom_node.errors import ManifestError
+    from dicom_node.infer.manifest import parse_manifest
+
+    raw = yaml.safe_load((REPO / "models_onnx" / "cardiac_seg.yaml").read_text())
+    raw["segmentation"]["labels"][1]["color_rgb"] = [64, 300, 64]
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(raw, "cardiac_seg.yaml")
+    message = str(caught.value)
+    assert "\n" not in message and "cardiac_seg.yaml" in message
+    assert "segmentation.labels.1.color_rgb.1" in message, message
+
+
+def test_every_ct_sr_measurement_has_geometry(results):
+    """Each NUM of the CT report is tied to image coordinates: in its ROI group
+    (TID 1410 Image Region) or inferred from the ROIs' circles (TID 300), as
+    viewers like OHIF need to place a measurement at all."""
+    [sr] = [ds for ds in results["ct_denoise"] if ds.Modality == "SR"]
+    [measurements] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    for group in measurements.ContentSequence:
+        items = list(group.ContentSequence)
+        if any(i.ValueType == "SCOORD" for i in items):
+            continue
+        for num in (i for i in items if i.ValueType == "NUM"):
+            scoords = [c for c in num.ContentSequence if c.ValueType == "SCOORD"]
+            assert scoords and all(c.RelationshipType == "INFERRED FROM" and c.GraphicType == "CIRCLE"
+                                   for c in scoords), num.ConceptNameCodeSequence[0].CodeMeaning
+            assert len(scoords) == (2 if num.ConceptNameCodeSequence[0].CodeValue == "CNR" else 1)

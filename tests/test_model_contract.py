@@ -326,7 +326,13 @@ def test_cardiac_model_without_rv_reports_what_it_can_and_says_what_it_did_not(t
     assert result.summary["not_measured"] == "RV cavity" and not result.held
     [sr] = [d for d in result.datasets if d.Modality == "SR"]
     text = str(sr)
-    assert "Not measured: model does not segment RV cavity" in text
+    # TEXT items are UT, which pydicom's str() abbreviates: read their values.
+    texts, stack = [], list(sr.ContentSequence)
+    while stack:
+        item = stack.pop()
+        texts += [str(item.TextValue)] if "TextValue" in item else []
+        stack += list(item.get("ContentSequence", []))
+    assert "Not measured: model does not segment RV cavity" in texts
     assert "Right Ventricular ED Volume" not in text and "Left Ventricular ED Volume" in text
     for ds in result.datasets:
         path = tmp_path / f"{ds.SOPInstanceUID}.dcm"

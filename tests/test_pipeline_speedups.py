@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
 
 from dicom_node.config import load_config
-from dicom_node.encode import hd_cache
+from dicom_node.encode import highdicom_compat
 from dicom_node.encode.derived import derived_image
 from dicom_node.encode.provenance import Provenance
 from dicom_node.infer.engine import ModelRegistry
@@ -73,7 +73,7 @@ def test_presentation_by_lookup_table_is_bit_identical(bits, monochrome1, varian
 
 def test_memoised_iod_lookups_answer_as_highdicom_does():
     ct, sr, sc = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
-    original = hd_cache._ORIGINAL
+    original = highdicom_compat._ORIGINAL
     for uid in (ct, sr, sc):
         for attribute in ("ContentDate", "PixelData", "NumberOfFrames", "FrameOfReferenceUID"):
             assert su.is_attribute_in_iod(attribute, uid) == original["is_attribute_in_iod"](attribute, uid)
@@ -84,6 +84,22 @@ def test_memoised_iod_lookups_answer_as_highdicom_does():
         su.is_attribute_in_iod("PixelData", "1.2.3.4")
     with pytest.raises(KeyError):
         su.is_attribute_in_iod("PixelData", "1.2.3.4")  # errors are not cached
+
+
+def test_highdicom_compat_fails_loudly_when_its_assumptions_break(monkeypatch):
+    highdicom_compat.check()  # the installed highdicom passes
+    monkeypatch.setattr(su, "does_iod_have_pixel_data", lambda sop_class, strict=True: True)
+    with pytest.raises(highdicom_compat.CompatError, match="does_iod_have_pixel_data is now"):
+        highdicom_compat.check()
+    monkeypatch.undo()
+    monkeypatch.delattr(su, "get_module_usage")
+    with pytest.raises(highdicom_compat.CompatError, match="get_module_usage is gone"):
+        highdicom_compat.check()
+    monkeypatch.undo()
+    import highdicom
+    monkeypatch.setattr(highdicom, "__version__", "0.31.0")
+    with pytest.raises(highdicom_compat.CompatError, match="supported"):
+        highdicom_compat.check()
 
 
 def _deep_copy_derived(source, values, prov):

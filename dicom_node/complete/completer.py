@@ -22,7 +22,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_node.config import Config, Route
 from dicom_node.observability.logs import RepeatLog, escape
 from dicom_node.observability.metrics import Metrics
-from dicom_node.receive.header import read_header_dataset
+from dicom_node.store.header import read_header_dataset
 from dicom_node.route.router import RouteFacts, decide
 from dicom_node.store.db import SeriesRecord, Store
 from dicom_node.store.layout import DataDir
@@ -61,7 +61,7 @@ class Completer:
         self.spool_root = (data or DataDir.of(config)).spool
         # Routing reads a file; remember each series' decision until something
         # it depends on changes, instead of re-reading every pass.
-        self._decisions: dict[str, tuple[tuple, Route | None, str]] = {}
+        self._decisions: dict[str, tuple[tuple[object, ...], Route | None, str]] = {}
         self._uses_count = any(m.keyword == "InstanceCount" for r in config.routes for m in r.match)
         self._failures = RepeatLog(log, logging.ERROR)
 

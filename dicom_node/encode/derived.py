@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from typing import Any
 
 import numpy as np
 from pydicom import DataElement, Dataset
@@ -55,7 +56,7 @@ def stored_values(values: np.ndarray, source: Dataset,
     return np.clip(stored, low, high).astype(dtype)
 
 
-def derived_image(source: Dataset, values: np.ndarray, prov: Provenance, *, index: int,
+def derived_image(source: Dataset, values: np.ndarray, prov: Provenance, *, index: int | str,
                   series_uid: str, series_number: int, series_description: str,
                   derivation: str) -> Dataset:
     """One derived single-frame instance from one single-frame source."""
@@ -136,7 +137,7 @@ _FROM_ENHANCED = ["PatientName", "PatientID", "IssuerOfPatientID", "PatientBirth
                   "PixelRepresentation"]
 
 
-def derived_from_frame(source: Dataset, frame: int, geometry: dict, values: np.ndarray,
+def derived_from_frame(source: Dataset, frame: int, geometry: dict[str, Any], values: np.ndarray,
                        prov: Provenance, *, index: int, series_uid: str, series_number: int,
                        series_description: str, derivation: str) -> Dataset:
     """A single-frame CT Image from one frame of an enhanced (multi-frame)

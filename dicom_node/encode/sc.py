@@ -8,11 +8,20 @@ import highdicom as hd
 from pydicom import Dataset
 
 from dicom_node.encode.provenance import MANUFACTURER, Provenance, highdicom_source
-from dicom_node.encode import hd_cache  # noqa: F401 - memoised IOD look-ups
+from dicom_node.encode import highdicom_compat  # noqa: F401 - memoised IOD look-ups
 
 __all__ = ["secondary_capture", "patient_orientation"]
 
 _LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
+# Body Part Examined defined terms (PS3.16 Annex L) of paired structures,
+# for which Laterality must be given (empty when unknown).
+_PAIRED = frozenset({
+    "ACHILLES", "ADRENAL", "ANKLE", "ARM", "AXILLA", "BREAST", "BUTTOCK", "CALCANEUS", "CLAVICLE",
+    "EAR", "ELBOW", "EXTREMITY", "EYE", "FEMUR", "FIBULA", "FINGER", "FOOT", "FOREARM", "HAND",
+    "HEEL", "HIP", "HUMERUS", "KIDNEY", "KNEE", "LEG", "LOWEREXM", "LUNG", "ORBIT", "OVARY",
+    "PAROTID", "RADIUS", "RIB", "SCAPULA", "SHOULDER", "TESTIS", "THIGH", "TIBIA", "TOE", "ULNA",
+    "UPPEREXM", "WRIST",
+})
 
 
 def patient_orientation(orientation: np.ndarray) -> tuple[str, str]:
@@ -23,6 +32,29 @@ def patient_orientation(orientation: np.ndarray) -> tuple[str, str]:
         return _LETTERS[axis][0 if v[axis] > 0 else 1]
     o = np.asarray(orientation, float)
     return letter(o[:3]), letter(o[3:])
+
+
+def _body_part_and_laterality(reference: Dataset, sc: Dataset) -> None:
+    """BodyPartExamined from the source, and Laterality (Type 2C, required
+    for a paired body part) only where it means something: the source's
+    value if it has one, absent for an unpaired part (chest, heart), empty
+    (unknown) only where the part is paired or not known."""
+    part = str(reference.get("BodyPartExamined", "") or "").strip().upper()
+    if part:
+        sc.BodyPartExamined = part
+    side = str(reference.get("Laterality", "") or "").strip().upper()
+    image_side = str(reference.get("ImageLaterality", "") or "").strip().upper()
+    if side in ("R", "L"):
+        sc.Laterality = side
+    elif image_side in ("R", "L"):
+        sc.Laterality = image_side
+    elif part and part not in _PAIRED:
+        # Unpaired: the standard wants it absent, and dciodvfy can tell from the part.
+        if "Laterality" in sc:
+            del sc.Laterality
+    else:
+        # Paired or unknown part: empty means unknown, which is all we know.
+        sc.Laterality = ""
 
 
 def secondary_capture(reference: Dataset, rgb: np.ndarray, prov: Provenance, *, role: str,
@@ -44,9 +76,7 @@ def secondary_capture(reference: Dataset, rgb: np.ndarray, prov: Provenance, *, 
         series_description=description[:64],
     )
     sc.BurnedInAnnotation = "YES"
-    if "Laterality" not in sc:
-        # Type 2C; dciodvfy asks for it whenever it cannot rule the condition out.
-        sc.Laterality = reference.get("Laterality", "")
+    _body_part_and_laterality(reference, sc)
     sc.ContributingEquipmentSequence = [prov.contributing_equipment()]
     sc.ContributingEquipmentSequence[0].DeviceUID = prov.device_uid
     sc.DerivationDescription = f"Result image of {prov.description}; AI output, not for diagnosis unless validated"

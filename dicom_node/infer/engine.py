@@ -7,11 +7,13 @@ than producing plausible nonsense.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
     from dicom_node.config import InferenceSettings
     from dicom_node.infer.runner import InferenceModel
 
-__all__ = ["OnnxModel", "ModelRegistry", "sha256_of", "choose_providers", "verified_onnx"]
+__all__ = ["OnnxModel", "ModelRegistry", "sha256_of", "choose_providers", "verified_onnx",
+           "provider_problem", "GPU_PROVIDERS"]
 
 log = logging.getLogger("dicom_node.infer")
 
@@ -46,24 +49,80 @@ def sha256_of(path: Path) -> str:
 # load; we say it once, in our log, instead.
 ort.set_default_logger_severity(4)
 
-_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
+# The shared library onnxruntime-gpu loads for each GPU provider.  When it
+# cannot, onnxruntime falls back to the CPU without saying why (we silence
+# its log); loading it ourselves makes the dynamic linker name the missing
+# dependency (a CUDA library, cuDNN, TensorRT's libnvinfer, the driver's libcuda).
+_PROVIDER_LIBRARIES = {"CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
+                       "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so"}
 
 
 def _gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
-def choose_providers(wanted: Sequence[str], device_id: int) -> list[str | tuple[str, dict]]:
+def _build_cuda() -> str:
+    """The CUDA version this onnxruntime build was made for ("" for a CPU build)."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:
+        return ""
+    return str(getattr(info, "cuda_version", "") or "")
+
+
+def _unloadable(library: str) -> str | None:
+    """The dynamic linker's reason ``library`` (in onnxruntime's package) cannot
+    be loaded, when a file it needs is missing; None when it loads."""
+    capi = Path(ort.__file__).resolve().parent / "capi"
+    path = capi / library
+    if not path.is_file():
+        return f"{library} is not in the onnxruntime package at {capi}"
+    try:
+        # Provider libraries take their host symbols from the shared bridge,
+        # which onnxruntime itself loads globally before them.
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(path))
+    except OSError as exc:
+        text = str(exc)
+        if "cannot open shared object file" not in text:
+            return None  # loads as far as files go; onnxruntime's own failure, said elsewhere
+        missing = text.rsplit(": cannot open", 1)[0].rsplit(": ", 1)[-1]
+        return f"{library} cannot be loaded: {missing}: cannot open shared object file"
+    return None
+
+
+@functools.cache
+def provider_problem(name: str) -> str | None:
+    """Why this host cannot give execution provider ``name``, naming the
+    missing piece; None when nothing is known against it."""
+    if name == "CPUExecutionProvider":
+        return None
+    if name not in ort.get_available_providers():
+        return f"not in this onnxruntime build ({ort.__version__}; it has {', '.join(ort.get_available_providers())})"
+    library = _PROVIDER_LIBRARIES.get(name)
+    problem = _unloadable(library) if library else None
+    if problem is not None:
+        cuda = _build_cuda()
+        built = f" (onnxruntime {ort.__version__} is built for CUDA {cuda}; see README, The GPU path)" if cuda else ""
+        return problem + built
+    if name in GPU_PROVIDERS and not _gpu_present():
+        return "no NVIDIA GPU device on this host (/dev/nvidiactl absent; in Docker: --gpus)"
+    return None
+
+
+def choose_providers(wanted: Sequence[str], device_id: int) -> list[str | tuple[str, dict[str, int]]]:
     """Keep the configured providers this onnxruntime build has and this host
     can use, in order; the CPU provider is always last so inference never has
     nowhere to run."""
     available = set(ort.get_available_providers())
     gpu = _gpu_present()
-    chosen: list[str | tuple[str, dict]] = []
+    chosen: list[str | tuple[str, dict[str, int]]] = []
     for name in wanted:
         if name not in available or name == "CPUExecutionProvider":
             continue
-        if name in _GPU_PROVIDERS and not gpu:
+        if name in GPU_PROVIDERS and not gpu:
             continue
         chosen.append((name, {"device_id": device_id}))
     chosen.append("CPUExecutionProvider")
@@ -88,6 +147,8 @@ class OnnxModel:
     path: Path
     session: ort.InferenceSession
     provider: str
+    # Providers asked for before the one obtained, each with why it was not.
+    not_obtained: dict[str, str] = field(default_factory=dict)
     backend = "onnxruntime"
 
     def run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -121,17 +182,32 @@ class OnnxModel:
             raise ModelLoadError(f"{onnx_path}: onnxruntime cannot load it: {exc}") from exc
         _check_signature(onnx_path, manifest.inputs, session.get_inputs(), "input")
         _check_signature(onnx_path, manifest.outputs, session.get_outputs(), "output")
+        # What the session really got, not what was asked: onnxruntime-gpu
+        # lists CUDA as available even where it cannot create it.
         provider = session.get_providers()[0]
-        wanted = providers[0] if providers else "CPUExecutionProvider"
-        if provider != wanted:
-            log.warning("model %s %s runs on %s (configured first: %s, not available here)",
-                        manifest.name, manifest.version, provider, wanted)
+        not_obtained = _not_obtained(providers, provider)
+        if not_obtained:
+            log.warning("model %s %s runs on %s; %s", manifest.name, manifest.version, provider,
+                        "; ".join(f"{name} not obtained: {why}" for name, why in not_obtained.items()))
         else:
             log.info("model %s %s loaded on %s", manifest.name, manifest.version, provider)
-        return cls(manifest=manifest, path=onnx_path, session=session, provider=provider)
+        return cls(manifest=manifest, path=onnx_path, session=session, provider=provider,
+                   not_obtained=not_obtained)
 
 
-def _check_signature(path: Path, declared: list[TensorSpec], actual: list, kind: str) -> None:
+def _not_obtained(wanted: Sequence[str], obtained: str) -> dict[str, str]:
+    """Each provider configured before ``obtained``, with the reason it is not in use."""
+    reasons: dict[str, str] = {}
+    for name in wanted:
+        if name == obtained:
+            break
+        reasons[name] = provider_problem(name) or (
+            "onnxruntime could not create it although its libraries load and a GPU device exists "
+            "(check the driver with nvidia-smi, and inference.device_id)")
+    return reasons
+
+
+def _check_signature(path: Path, declared: list[TensorSpec], actual: list[Any], kind: str) -> None:
     by_name = {a.name: a for a in actual}
     for spec in declared:
         node = by_name.get(spec.name)
@@ -229,6 +305,16 @@ class ModelRegistry:
             raise ModelLoadError(f"{model.path}: contract check failed: {verdict.detail}")
         self._loaded[name] = model
         return model
+
+    def cpu_fallback(self, name: str) -> str | None:
+        """Why loaded in-process model ``name`` runs on no GPU provider (for
+        ``inference.require_gpu``); None when it runs on one, is not loaded, or
+        runs on a remote server (whose GPU is the server's business)."""
+        model = self._loaded.get(name)
+        if not isinstance(model, OnnxModel) or model.provider in GPU_PROVIDERS:
+            return None
+        why = "; ".join(f"{p} not obtained: {r}" for p, r in model.not_obtained.items())
+        return f"runs on {model.provider}" + (f" ({why})" if why else " (no GPU provider configured)")
 
     def forget(self, name: str) -> None:
         """Drop a loaded model, so the next ``get`` loads and checks it again

@@ -93,7 +93,7 @@ def _shape(values: Any) -> list[int]:
     return [int(v) for v in values]
 
 
-def check_metadata(manifest: ModelManifest, metadata: dict, where: str) -> None:
+def check_metadata(manifest: ModelManifest, metadata: dict[str, Any], where: str) -> None:
     """The server's view of the model against the manifest; ModelLoadError names the mismatch.
 
     A dynamic axis on the server (-1) takes anything, so it matches a fixed
@@ -114,7 +114,7 @@ def check_metadata(manifest: ModelManifest, metadata: dict, where: str) -> None:
                                  "manifest does not declare")
 
 
-def _check_tensor(spec: TensorSpec, tensor: dict, kind: str, where: str) -> None:
+def _check_tensor(spec: TensorSpec, tensor: dict[str, Any], kind: str, where: str) -> None:
     datatype = str(tensor.get("datatype", ""))
     if _FROM_KSERVE.get(datatype) != spec.dtype:
         raise ModelLoadError(f"{where}: {kind} {spec.name!r} is {datatype} on the server, manifest "
@@ -178,7 +178,7 @@ class _Client:
             self._local.client = client
         return client
 
-    def metadata(self, timeout: float) -> dict:
+    def metadata(self, timeout: float) -> dict[str, Any]:
         t = self.target
         if t.protocol == "grpc":
             return self._grpc.get_model_metadata(t.model_name, t.model_version, headers=self.headers,

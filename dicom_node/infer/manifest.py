@@ -175,12 +175,20 @@ class Geometry(_Frozen):
 
 # -- what the outputs mean ---------------------------------------------------------
 
+_Channel = Annotated[int, Field(ge=0, le=255)]
+
+
 class SegmentLabel(_Frozen):
     # Channel index (logits, probabilities) or label value (label map).
     value: int = Field(ge=1)
     name: str
     category: Code
     type: Code
+    # Recommended display colour, sRGB 0-255: the SEG's
+    # RecommendedDisplayCIELabValue (converted by highdicom) and the capture's
+    # contours, so a structure looks the same in every viewer.  None: a fixed
+    # colour by the structure's type code.
+    color_rgb: tuple[_Channel, _Channel, _Channel] | None = None
 
 
 class ImageToImage(_Frozen):

@@ -86,7 +86,7 @@ def invert_normalization(y: np.ndarray, manifest: ModelManifest) -> np.ndarray:
         elif isinstance(step, WindowNorm):
             y = y * np.float32(step.width) + np.float32(step.center - step.width / 2)
         else:
-            raise PipelineError(f"model {manifest.name}: normalisation step {step.kind!r} "  # type: ignore[attr-defined]
+            raise PipelineError(f"model {manifest.name}: normalisation step {step.kind!r} "
                                 "cannot be inverted")
     return y
 
@@ -224,8 +224,8 @@ def pad_to(x: np.ndarray, multiple: int, minimum: tuple[int, int] = (1, 1)) -> t
     pw = max(minimum[1] - w, (-w) % multiple)
     if ph or pw:
         # Reflection needs a border narrower than the image; repeat the edge beyond that.
-        mode = "reflect" if ph < h and pw < w else "edge"
-        x = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)], mode=mode)
+        widths = [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)]
+        x = np.pad(x, widths, mode="reflect") if ph < h and pw < w else np.pad(x, widths, mode="edge")
     return x, (h, w)
 
 

@@ -15,9 +15,11 @@ import os
 import sqlite3
 import struct
 import time
+from collections.abc import Sequence
 from io import BytesIO
 from pathlib import Path
 from threading import Event
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.encaps import generate_frames
@@ -62,9 +64,9 @@ def is_disk_full(exc: BaseException) -> bool:
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
-def _int_or_one(value: object) -> int:
+def _int_or_one(value: Any) -> int:
     try:
-        n = int(value)  # type: ignore[arg-type]
+        n = int(value)
     except (TypeError, ValueError):
         return 1
     return n if n > 0 else 1
@@ -218,14 +220,14 @@ class Worker:
                                        key="requeueing a job")
                 if self._stop.wait(delay):
                     return
-        if away:
+        if isinstance(exc, InferenceUnavailable):
             self._server_away.report(f"job {job.id} deferred: {reason}", key=f"model {exc.model}")
         else:
             self._disk_full.report(f"job {job.id} deferred: {reason}", key="writing results")
         self.metrics.jobs_deferred.labels(pipeline=job.pipeline).inc()
 
     def _end(self, job: Job, state: str, reason: str | None,
-             results: list[tuple[str, str, str, str]] = ()) -> None:
+             results: Sequence[tuple[str, str, str, str]] = ()) -> None:
         self.store.finish_job(job.id, state, reason, results)
         self.metrics.jobs_finished.labels(pipeline=job.pipeline, state=state).inc()
 
@@ -242,7 +244,7 @@ class Worker:
                     "dicom-node jobs --release %d or --discard %d)", job.id, job.pipeline,
                     job.model, reason, len(results), job.id, job.id)
 
-    def _run(self, job: Job) -> tuple[list[tuple[str, str, str, str]], dict, tuple[str, ...]]:
+    def _run(self, job: Job) -> tuple[list[tuple[str, str, str, str]], dict[str, Any], tuple[str, ...]]:
         route = self.config.route(job.route)
         pipeline = get_pipeline(job.pipeline)
         model = self.models.get(job.model)
@@ -275,7 +277,7 @@ class Worker:
         """Read every instance of the job's series.  An unreadable one fails
         the job, naming it: the series would be incomplete, and a result
         computed on part of a volume must not be sent as if it were whole."""
-        datasets = []
+        datasets: list[Dataset] = []
         for series_uid in job.series_uids:
             for rec in self.store.instances_of(series_uid):
                 path = self.spool_root / rec.path

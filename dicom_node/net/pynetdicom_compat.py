@@ -33,6 +33,7 @@ import pynetdicom
 from pynetdicom import _config, dimse_messages, dul, evt, service_class, transport
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
@@ -115,7 +116,7 @@ check()
 
 # -- 1. supported contexts shared between associations ---------------------------
 
-class SharedContexts(list):
+class SharedContexts(list[PresentationContext]):
     """The server's supported contexts, copied shallowly per association.
 
     pynetdicom deep-copies them for every association (relies on
@@ -126,7 +127,7 @@ class SharedContexts(list):
     each context object, sharing its syntax list, is enough.
     """
 
-    def __deepcopy__(self, memo: dict) -> list:
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
         return [copy.copy(cx) for cx in self]
 
 
@@ -146,7 +147,9 @@ def install_pdu_reader(assoc: Association, reader: BoundedPduReader) -> None:
     transport_socket = assoc.dul.socket
     if transport_socket is None:
         raise ValueError("association has no transport socket yet")
-    transport_socket.recv = types.MethodType(lambda _self, n: reader.recv(n), transport_socket)
+    # An instance attribute over the method, on purpose: this socket only.
+    transport_socket.recv = types.MethodType(  # type: ignore[method-assign]
+        lambda _self, n: reader.recv(n), transport_socket)
 
 
 # -- 4. the server: TLS handshake in the connection's thread, a connection cap -----
@@ -175,11 +178,17 @@ class NodeServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self._listener().setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
-    def get_request(self) -> tuple[socket.socket, Any]:  # type: ignore[override]
-        client, address = self.socket.accept()
+    def _listener(self) -> socket.socket:
+        # socketserver sets it in __init__; pynetdicom types it Optional.
+        if self.socket is None:
+            raise RuntimeError("the server's socket is closed")
+        return self.socket
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = self._listener().accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None:
             client = self.ssl_context.wrap_socket(client, server_side=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from typing import Any
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -45,7 +46,8 @@ class HealthServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.server.server_address[:2]
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
 
     def start(self) -> None:
         self.thread.start()
@@ -125,7 +127,7 @@ class HealthServer:
             def _reply(self, rsp: Response) -> None:
                 self._send(rsp.code, rsp.body, rsp.ctype, {**_SECURITY_HEADERS, **rsp.headers})
 
-            def _json(self, code: int, body: dict) -> None:
+            def _json(self, code: int, body: dict[str, Any]) -> None:
                 self._send(code, json.dumps(body).encode(), "application/json")
 
             def _send(self, code: int, body: bytes, ctype: str,

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["RepeatLog", "escape", "extras", "setup_logging"]
 
@@ -55,7 +56,7 @@ class _TextFormatter(logging.Formatter):
         record.message = _safe(record.message)
         return super().formatMessage(record)
 
-    def formatException(self, ei) -> str:  # noqa: N802 - logging's name
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
         return super().formatException(ei).translate(_CONTROL_KEEP_NEWLINE)
 
 
@@ -86,7 +87,7 @@ class _JsonFormatter(logging.Formatter):
 
     # json.dumps escapes every control character already (\n, \u0000, \u001b).
     def format(self, record: logging.LogRecord) -> str:
-        body = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        body: dict[str, Any] = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                       + f".{int(record.msecs):03d}Z",
                 "level": record.levelname.lower(), "logger": record.name,
                 "process": record.processName, "msg": record.getMessage()}

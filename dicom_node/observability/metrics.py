@@ -44,7 +44,7 @@ def exposition_registry(metrics_registry: CollectorRegistry) -> CollectorRegistr
     if not os.environ.get(MULTIPROC_ENV):
         return metrics_registry
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
     return registry
 
 _STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

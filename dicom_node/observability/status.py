@@ -38,6 +38,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from dicom_node import __version__
 from dicom_node.config import (
     Config,
+    Destination,
     DicomDestination,
     FolderDestination,
     SenderDestination,
@@ -94,17 +95,19 @@ class StatusData:
             self._local.conn = conn
         return conn
 
-    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute(sql, params).fetchall()]
 
-    def series(self, limit: int = 50, unrouted: bool = False) -> list[dict]:
+    def series(self, limit: int = 50, unrouted: bool = False) -> list[dict[str, Any]]:
         where = "WHERE route IS NULL AND unrouted_reason IS NOT NULL" if unrouted else ""
         return self._rows(
             f"""SELECT series_uid, study_uid, modality, calling_ae, called_ae, first_at, last_at,
                        instance_count, expected_count, state, route, unrouted_reason, completed_at
                 FROM series {where} ORDER BY last_at DESC LIMIT ?""", (limit,))
 
-    def jobs(self, state: str | None = None, limit: int = 50, job_id: int | None = None) -> list[dict]:
+    def jobs(self, state: str | None = None, limit: int = 50, job_id: int | None = None) -> list[dict[str, Any]]:
+        where: str
+        params: tuple[Any, ...]
         if job_id is not None:
             where, params = "WHERE j.id=?", (job_id, 1)
         else:
@@ -124,7 +127,7 @@ class StatusData:
             row["outcome"] = _outcome(row)
         return rows
 
-    def job(self, job_id: int) -> dict | None:
+    def job(self, job_id: int) -> dict[str, Any] | None:
         rows = self.jobs(job_id=job_id)
         if not rows:
             return None
@@ -138,8 +141,8 @@ class StatusData:
         rows = self._rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
 
-    def outbox(self) -> dict[str, dict]:
-        per: dict[str, dict] = {}
+    def outbox(self) -> dict[str, dict[str, Any]]:
+        per: dict[str, dict[str, Any]] = {}
         for r in self._rows("SELECT destination, state, COUNT(*) AS n FROM outbox GROUP BY destination, state"):
             per.setdefault(r["destination"], {})[r["state"]] = r["n"]
         last = {r["destination"]: r for r in self._rows(
@@ -156,7 +159,7 @@ class StatusData:
         return out
 
 
-def _outcome(job: dict) -> str:
+def _outcome(job: dict[str, Any]) -> str:
     state = job["state"]
     if state == "done":
         text = f"{job['results']} result objects"
@@ -236,7 +239,7 @@ class StatusPage:
 
     # -- authorization ------------------------------------------------------------------
 
-    def _authorize(self, headers: Any, form: dict) -> str:
+    def _authorize(self, headers: Any, form: dict[str, Any]) -> str:
         s = self.settings
         if not s.actions_enabled:
             raise HttpError(403, "actions are off: set node.http.token or node.http.username "
@@ -262,13 +265,14 @@ class StatusPage:
             except (ValueError, UnicodeDecodeError):
                 user, password = "", ""
             if (hmac.compare_digest(user.encode(), s.username.encode())
+                    and s.password is not None
                     and hmac.compare_digest(password.encode(), s.password.get_secret_value().encode())):
                 return user
         raise HttpError(401, "authorization required (Bearer token or basic auth)")
 
     # -- actions ------------------------------------------------------------------------
 
-    def _action(self, path: str, form: dict, who: str) -> dict:
+    def _action(self, path: str, form: dict[str, Any], who: str) -> dict[str, Any]:
         parts = [p for p in path.split("/") if p]
         # /api/jobs/<id>/<retry|release|discard>
         if len(parts) == 4 and parts[:2] == ["api", "jobs"] and parts[3] in ("retry", "release", "discard"):
@@ -284,7 +288,7 @@ class StatusPage:
             return self._revive(name, who) if parts[3] == "retry" else self._echo_action(name, who)
         raise HttpError(404, f"no such action {path}")
 
-    def _retry(self, job_id: int, who: str) -> dict:
+    def _retry(self, job_id: int, who: str) -> dict[str, Any]:
         try:
             ok = self.store.requeue_job(job_id)
         except JobStateError as exc:
@@ -294,7 +298,7 @@ class StatusPage:
         audit.warning("job %d queued again by operator %s (status page)", job_id, who)
         return {"ok": True, "message": f"job {job_id} queued again"}
 
-    def _release(self, job_id: int, who: str) -> dict:
+    def _release(self, job_id: int, who: str) -> dict[str, Any]:
         try:
             items = self.store.release_job(job_id)
         except JobStateError as exc:
@@ -303,7 +307,7 @@ class StatusPage:
                       job_id, who, len(items))
         return {"ok": True, "message": f"job {job_id} released: {len(items)} outbox items queued to send"}
 
-    def _discard(self, job_id: int, who: str) -> dict:
+    def _discard(self, job_id: int, who: str) -> dict[str, Any]:
         try:
             items = self.store.discard_job(job_id)
         except JobStateError as exc:
@@ -320,7 +324,7 @@ class StatusPage:
                       job_id, who, len(files))
         return {"ok": True, "message": f"job {job_id} discarded: {len(files)} result files deleted, nothing sent"}
 
-    def _revive(self, destination: str | None, who: str) -> dict:
+    def _revive(self, destination: str | None, who: str) -> dict[str, Any]:
         if destination:
             self._destination(destination)
         n = self.store.retry_dead(destination)
@@ -329,12 +333,12 @@ class StatusPage:
         return {"ok": True, "revived": n,
                 "message": f"{n} dead letters queued again" + (f" to {destination}" if destination else "")}
 
-    def _echo_action(self, name: str, who: str) -> dict:
-        ok, detail = self.echo(name)
+    def _echo_action(self, name: str, who: str) -> dict[str, Any]:
+        ok, detail = (self.echo or self._echo)(name)
         log.info("echo of destination %s by %s: %s", name, who, detail)
         return {"ok": ok, "destination": name, "message": f"echo {name}: {detail}"}
 
-    def _destination(self, name: str):
+    def _destination(self, name: str) -> Destination:
         try:
             return self.config.destination(name)
         except KeyError:
@@ -359,7 +363,7 @@ class StatusPage:
 
     # -- API reads --------------------------------------------------------------------------
 
-    def _api_get(self, path: str, params: dict) -> Any:
+    def _api_get(self, path: str, params: dict[str, Any]) -> Any:
         limit = _int((params.get("limit") or ["50"])[0], "limit")
         if not 1 <= limit <= _LIMIT_MAX:
             raise HttpError(400, f"limit must be 1..{_LIMIT_MAX}")
@@ -387,14 +391,16 @@ class StatusPage:
             return self.disk()
         raise HttpError(404, f"no such endpoint {self.prefix}{path}")
 
-    def _state(self, params: dict) -> str | None:
+    def _state(self, params: dict[str, Any]) -> str | None:
         state = (params.get("state") or [None])[0]
         if state and state not in _JOB_STATES:
             raise HttpError(400, f"unknown job state {state!r}; one of {', '.join(_JOB_STATES)}")
         return state or None
 
-    def disk(self) -> dict:
+    def disk(self) -> dict[str, Any]:
         data_dir = self.config.data_dir
+        free: int | None
+        total: int | None
         try:
             usage = shutil.disk_usage(data_dir)
             free, total = usage.free, usage.total
@@ -404,7 +410,7 @@ class StatusPage:
                 "watermark_bytes": self.config.node.min_free_bytes,
                 "below_watermark": bool(self.below_watermark())}
 
-    def models(self, checks: dict[str, str] | None = None) -> list[dict]:
+    def models(self, checks: dict[str, str] | None = None) -> list[dict[str, Any]]:
         from dicom_node.infer.engine import ModelRegistry
 
         loaded: dict[str, set[str]] = {}
@@ -442,7 +448,7 @@ class StatusPage:
                         "check": checks.get(f"model {name}", "ok")})
         return out
 
-    def destinations(self) -> list[dict]:
+    def destinations(self) -> list[dict[str, Any]]:
         out = []
         for dest in self.config.destinations:
             row = {"name": dest.name, "kind": dest.kind}
@@ -458,7 +464,7 @@ class StatusPage:
             out.append(row)
         return out
 
-    def snapshot(self, limit: int = 50) -> dict:
+    def snapshot(self, limit: int = 50) -> dict[str, Any]:
         ready, checks = self.readiness()
         outbox = self.data.outbox()
         dests = self.destinations()
@@ -480,7 +486,7 @@ class StatusPage:
 
     # -- HTML -------------------------------------------------------------------------------
 
-    def render(self, params: dict) -> str:
+    def render(self, params: dict[str, Any]) -> str:
         limit = 50
         snap = self.snapshot(limit)
         state = None
@@ -556,7 +562,7 @@ up since {_e(_when(node['started_at']))} &middot; page at {_e(_when(node['now'])
 <tbody>{rows}</tbody></table></section>
 """)
         # outbox per destination
-        rows = []
+        trs: list[str] = []
         for d in snap["destinations"]:
             c = d["counts"]
             name = quote(d["name"], safe="")
@@ -564,7 +570,7 @@ up since {_e(_when(node['started_at']))} &middot; page at {_e(_when(node['now'])
             if c.get("dead"):
                 buttons.append((f"/api/destinations/{name}/retry", f"revive {c['dead']} dead", False))
             actions = form(*buttons)
-            rows.append(
+            trs.append(
                 f"<tr><td>{_e(d['name'])}</td><td>{_e(d['kind'])}</td><td class=\"mono\">{_e(d['target'])}</td>"
                 f"<td class=\"num\">{c.get('pending', 0)}</td><td class=\"num\">{c.get('sent', 0)}</td>"
                 f"<td class=\"num {'bad' if c.get('dead') else ''}\">{c.get('dead', 0)}</td>"
@@ -573,14 +579,14 @@ up since {_e(_when(node['started_at']))} &middot; page at {_e(_when(node['now'])
                 f"<td class=\"actions\">{actions}</td></tr>")
         parts.append(f"""<section id="outbox"><h2>Outbox</h2><table><thead><tr><th>destination</th><th>kind</th>
 <th>target</th><th>pending</th><th>sent</th><th>dead</th><th>held</th><th>last sent</th><th>last error</th><th></th></tr>
-</thead><tbody>{''.join(rows)}</tbody></table></section>
+</thead><tbody>{''.join(trs)}</tbody></table></section>
 """)
         # jobs
         counts = snap["job_counts"]
         filters = " ".join(
             f'<a href="{_e(p)}/?state={s}" class="{"sel" if s == state else ""}">{s} {counts.get(s, 0)}</a>'
             for s in _JOB_STATES) + f' <a href="{_e(p)}/">all</a>'
-        rows = []
+        trs = []
         for j in jobs:
             actions = ""
             if j["state"] == "held":
@@ -590,7 +596,7 @@ up since {_e(_when(node['started_at']))} &middot; page at {_e(_when(node['now'])
                 actions = form((f"/api/jobs/{j['id']}/retry", "retry", False))
             series = "<br>".join(_e(u) for u in j["series_uids"][:3]) + (
                 f"<br>+{len(j['series_uids']) - 3} more" if len(j["series_uids"]) > 3 else "")
-            rows.append(
+            trs.append(
                 f'<tr id="job-{j["id"]}" class="job state-{_e(j["state"])}"><td class="num">'
                 f'<a href="{_e(p)}/api/jobs/{j["id"]}">{j["id"]}</a></td>'
                 f'<td><span class="st {_e(j["state"])}">{_e(j["state"])}</span></td>'
@@ -602,16 +608,16 @@ up since {_e(_when(node['started_at']))} &middot; page at {_e(_when(node['now'])
         parts.append(f"""<section id="jobs"><h2>Jobs</h2><p class="filters">{filters}</p>
 <table><thead><tr><th>id</th><th>state</th><th>route</th><th>pipeline</th><th>model</th><th>calling AE</th>
 <th>queued</th><th>duration</th><th>outcome</th><th>reason</th><th>series</th><th></th></tr></thead>
-<tbody>{''.join(rows) or '<tr><td colspan="12">no jobs</td></tr>'}</tbody></table></section>
+<tbody>{''.join(trs) or '<tr><td colspan="12">no jobs</td></tr>'}</tbody></table></section>
 """)
         # series
-        rows = []
+        trs = []
         for s in snap["series"]:
             count = str(s["instance_count"]) + (f" / {s['expected_count']}" if s["expected_count"] else "")
             routed = (f'<td>{_e(s["route"])}</td>' if s["route"] else
                       f'<td class="warn">unrouted: {_e(s["unrouted_reason"] or "")}</td>'
                       if s["state"] == "complete" else '<td class="note">waiting for the series to complete</td>')
-            rows.append(
+            trs.append(
                 f'<tr class="series"><td class="t">{_e(_when(s["last_at"]))}</td><td>{_e(s["calling_ae"])}</td>'
                 f"<td>{_e(s['called_ae'])}</td><td>{_e(s['modality'])}</td>"
                 f"<td class=\"mono small\">{_e(s['series_uid'])}</td><td class=\"num\">{_e(count)}</td>"
@@ -619,7 +625,7 @@ up since {_e(_when(node['started_at']))} &middot; page at {_e(_when(node['now'])
         parts.append(f"""<section id="series"><h2>Received series</h2>
 <table><thead><tr><th>last instance</th><th>calling AE</th><th>called AE</th><th>modality</th>
 <th>series UID</th><th>instances</th><th>state</th><th>route</th></tr></thead>
-<tbody>{''.join(rows) or '<tr><td colspan="8">nothing received yet</td></tr>'}</tbody></table></section>
+<tbody>{''.join(trs) or '<tr><td colspan="8">nothing received yet</td></tr>'}</tbody></table></section>
 <footer>No patient names or IDs are shown: the node's store keeps UIDs and AE titles only.
 Refreshes every 15 s.</footer></body></html>
 """)
@@ -660,9 +666,10 @@ def _dur(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def _bytes(n: int | None) -> str:
-    if n is None:
+def _bytes(size: int | None) -> str:
+    if size is None:
         return "?"
+    n = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -17,6 +17,7 @@ numpy and OpenCV only, so the node runs it without the training stack.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -167,7 +168,7 @@ def cardiac_metrics(labels: np.ndarray, pixel_spacing_mm: tuple[float, float],
     myo = vols.lv_myocardium_ml
     mass = float(myo[ed]) * MYOCARDIAL_DENSITY_G_PER_ML if myo is not None else None
     rvef = 100.0 * (rvedv - rvesv) / rvedv if rvedv and rvesv is not None else None
-    base = {
+    base: dict[str, Any] = {
         "ed_phase": ed, "es_phase": es,
         "lvedv_ml": lvedv, "lvesv_ml": lvesv, "lvsv_ml": lvedv - lvesv,
         "lvef_pct": 100.0 * (lvedv - lvesv) / lvedv, "lv_mass_g": mass,

@@ -10,20 +10,20 @@ between slice centres along the normal (from ImagePositionPatient).
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import cv2
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
 from dicom_node.encode.provenance import MANUFACTURER, Provenance, highdicom_source
 from dicom_node.encode.sc import patient_orientation, secondary_capture
-from dicom_node.encode.sr import measurement_report_sr
+from dicom_node.encode.sr import COMMENT, measurement_report_sr, with_texts
 from dicom_node.errors import PipelineError
-from dicom_node.encode.sr import private_code
-from dicom_node.infer.manifest import ModelManifest
+from dicom_node.infer.manifest import ModelManifest, SegmentLabel
 from dicom_node.infer.runner import InferenceModel, segment
 from dicom_node.pipelines.base import (PipelineInput, PipelineResult, StageTimer, implausible,
                                        plausible_ranges, register, require_task)
@@ -34,7 +34,10 @@ __all__ = ["CardiacSeg"]
 
 log = logging.getLogger("dicom_node.pipelines.cardiac_seg")
 
-_SERIES_OFFSET = {"seg": 2000, "sr": 2001, "sc": 2002}
+_SERIES_OFFSET = {"sr": 2001, "sc": 2002}
+# A SEG series per phase, as OHIF opens one SEG per series.  ED keeps the
+# series (UID and number) that both phases shared before, so reruns replace it.
+_SEG_SERIES: dict[str, tuple[str, int | str, int]] = {"ED": ("seg-series", 0, 2000), "ES": ("seg-series", "ES", 2003)}
 _ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 _ML_M2 = hd.sr.CodedConcept("ml/m2", "UCUM", "milliliter per square meter")
 _G = hd.sr.CodedConcept("g", "UCUM", "gram")
@@ -63,7 +66,8 @@ _ROLE_CODES = {
     "lv_myocardium": {("SCT", "49848007")},
     "rv_cavity": {("SCT", "53085002"), ("SRT", "T-32500")},
 }
-# Display colours follow anatomy; structures beyond the three are yellow.
+# Display colours when the manifest gives none: by anatomy, never by label
+# number; structures beyond the three are yellow.
 _ROLE_COLOURS = {"lv_cavity": (255, 64, 64), "lv_myocardium": (64, 220, 64), "rv_cavity": (64, 128, 255)}
 _OTHER_COLOUR = (255, 255, 0)
 
@@ -85,7 +89,7 @@ def resolve_roles(manifest: ModelManifest) -> tuple[Roles | None, list[str]]:
     if problems:
         return None, problems
     first = {role: (values[0] if values else None) for role, values in found.items()}
-    return Roles(lv_cavity=int(first["lv_cavity"]), lv_myocardium=first["lv_myocardium"],
+    return Roles(lv_cavity=found["lv_cavity"][0], lv_myocardium=first["lv_myocardium"],
                  rv_cavity=first["rv_cavity"]), []
 
 
@@ -124,15 +128,15 @@ class CardiacSeg:
                                       roles)
             source_key = ",".join(sorted({str(d.SeriesInstanceUID) for d in job.datasets}))
             prov = Provenance(manifest, self.name, source_key, model.provider)
-            segs = [_segmentation(cine, labels, phase, name, i + 1, prov)
-                    for i, (phase, name) in enumerate(((metrics.ed_phase, "ED"), (metrics.es_phase, "ES")))]
+            segs = [_segmentation(cine, labels, phase, name, prov)
+                    for phase, name in ((metrics.ed_phase, "ED"), (metrics.es_phase, "ES"))]
             report = _report(cine, metrics, segs, prov, roles)
             capture = _capture(cine, labels, metrics, prov)
         values = {key: getattr(metrics, key) for key in self.plausible}
         held = implausible(values, plausible_ranges(self, manifest),
                            {k: (" %" if k.endswith("pct") else " g" if k.endswith("_g") else " ml")
                             for k in values})
-        summary = {"phases": cine.n_phases, "slices": cine.n_slices, "ed": metrics.ed_phase,
+        summary: dict[str, Any] = {"phases": cine.n_phases, "slices": cine.n_slices, "ed": metrics.ed_phase,
                    "es": metrics.es_phase, "lvef_pct": round(metrics.lvef_pct, 1)}
         if roles.missing():
             summary["not_measured"] = ", ".join(roles.missing())
@@ -150,9 +154,12 @@ def _size(ds: Dataset) -> tuple[float | None, float | None]:
 
 
 
-def _colour(label_type: tuple[str, str]) -> tuple[int, int, int]:
+def _colour(label: SegmentLabel) -> tuple[int, int, int]:
+    """The label's display colour (sRGB): the manifest's, else by its type code."""
+    if label.color_rgb is not None:
+        return label.color_rgb
     for role, codes_ in _ROLE_CODES.items():
-        if label_type in codes_:
+        if (label.type.scheme, label.type.value) in codes_:
             return _ROLE_COLOURS[role]
     return _OTHER_COLOUR
 
@@ -161,7 +168,8 @@ def _segment_descriptions(prov: Provenance) -> list[hd.seg.SegmentDescription]:
     algo = prov.algorithm_identification()
     out = []
     assert prov.manifest.segmentation is not None
-    for label in prov.manifest.segmentation.labels:
+    # highdicom wants segments in number order; a manifest may list them in any.
+    for label in sorted(prov.manifest.segmentation.labels, key=lambda lab: lab.value):
         out.append(hd.seg.SegmentDescription(
             segment_number=label.value, segment_label=label.name,
             segmented_property_category=hd.sr.CodedConcept(label.category.value, label.category.scheme,
@@ -170,18 +178,18 @@ def _segment_descriptions(prov: Provenance) -> list[hd.seg.SegmentDescription]:
                                                        label.type.meaning),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo,
             tracking_uid=prov.uid("segment", label.value), tracking_id=label.name,
-            display_color=hd.color.CIELabColor.from_rgb(*_colour((label.type.scheme, label.type.value)))
-            if hasattr(hd.color.CIELabColor, "from_rgb") else None))
+            display_color=hd.color.CIELabColor.from_rgb(*_colour(label))))
     return out
 
 
-def _segmentation(cine: Cine, labels: np.ndarray, phase: int, name: str, number: int,
+def _segmentation(cine: Cine, labels: np.ndarray, phase: int, name: str,
                   prov: Provenance) -> hd.seg.Segmentation:
-    """One SEG for one phase, frames matched exactly to their source frames."""
+    """One SEG for one phase, in its own series, frames matched exactly to
+    their source frames."""
     frames = cine.frames[phase]
     sources = list({str(f.dataset.SOPInstanceUID): f.dataset for f in frames}.values())
     array = labels[phase]
-    geometry: dict = {}
+    geometry: dict[str, Any] = {}
     explicit = len({str(d.SeriesInstanceUID) for d in sources}) > 1 or any(f.frame for f in frames)
     if explicit:
         # One series per slice location, or a multi-frame cine whose frames
@@ -201,6 +209,7 @@ def _segmentation(cine: Cine, labels: np.ndarray, phase: int, name: str, number:
         }
         sources = sources[:1]
     first = cine.frames[0][0].dataset
+    role, index, offset = _SEG_SERIES[name]
     sources = [highdicom_source(d) for d in sources]
     if geometry.get("further_source_images"):
         geometry["further_source_images"] = [highdicom_source(d) for d in geometry["further_source_images"]]
@@ -208,12 +217,12 @@ def _segmentation(cine: Cine, labels: np.ndarray, phase: int, name: str, number:
         source_images=sources, pixel_array=array, **geometry,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(prov),
-        series_instance_uid=prov.uid("seg-series"), series_number=prov.series_number(first, _SERIES_OFFSET["seg"]),
-        sop_instance_uid=prov.uid("seg", name), instance_number=number,
+        series_instance_uid=prov.uid(role, index), series_number=prov.series_number(first, offset),
+        sop_instance_uid=prov.uid("seg", name), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name=prov.description,
         software_versions=prov.description, device_serial_number=str(prov.device_uid)[-16:],
         content_label=f"{name}_PHASE", content_description=f"AI cardiac segmentation, {name} phase",
-        series_description=f"AI cardiac SEG {prov.description}"[:64],
+        series_description=f"AI cardiac SEG {name} {prov.description}"[:64],
         contributing_equipment=[prov.contributing_equipment()],
     )
     seg.ContributingEquipmentSequence[0].DeviceUID = prov.device_uid
@@ -222,7 +231,7 @@ def _segmentation(cine: Cine, labels: np.ndarray, phase: int, name: str, number:
     return seg
 
 
-def _reference_source_frames(seg: hd.seg.Segmentation, frames: list) -> None:
+def _reference_source_frames(seg: hd.seg.Segmentation, frames: list[Any]) -> None:
     """Give each SEG frame a Derivation Image item naming its source image
     (and frame), matched by plane position."""
     by_position = {tuple(np.round(f.position, 3)): f for f in frames}
@@ -257,10 +266,10 @@ def _measures(pairs: list[tuple[hd.sr.CodedConcept, float | None, hd.sr.CodedCon
             for name, value, unit in pairs if value is not None]
 
 
-def _not_measured(roles: Roles) -> list[hd.sr.QualitativeEvaluation]:
-    return [hd.sr.QualitativeEvaluation(
-        codes.DCM.Finding, private_code("NOT_MEASURED", f"Not measured: model does not segment {what}"[:64]))
-        for what in roles.missing()]
+def _not_measured(roles: Roles) -> list[tuple[Code, str]]:
+    """One TEXT comment naming what is not measured; never a zero."""
+    missing = roles.missing()
+    return [(COMMENT, "Not measured: model does not segment " + ", ".join(missing))] if missing else []
 
 
 def _report(cine: Cine, m: CardiacMetrics, segs: list[hd.seg.Segmentation], prov: Provenance,
@@ -286,10 +295,10 @@ def _report(cine: Cine, m: CardiacMetrics, segs: list[hd.seg.Segmentation], prov
             ("cardiac phases (trigger time)", codes.DCM.Finding, phases, [])):
         if not measurements and not notes:
             continue
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        groups.append(with_texts(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=prov.uid("group", ident), identifier=ident),
             finding_type=site, algorithm_id=prov.sr_algorithm(), measurements=measurements or None,
-            qualitative_evaluations=notes or None, source_images=sources))
+            source_images=sources), notes))
     evidence = {str(f.dataset.SOPInstanceUID): f.dataset
                 for p in (m.ed_phase, m.es_phase) for f in cine.frames[p]}
     return measurement_report_sr(
@@ -301,7 +310,7 @@ def _report(cine: Cine, m: CardiacMetrics, segs: list[hd.seg.Segmentation], prov
 
 def _label_colours(prov: Provenance) -> dict[int, tuple[int, int, int]]:
     assert prov.manifest.segmentation is not None
-    return {lab.value: _colour((lab.type.scheme, lab.type.value)) for lab in prov.manifest.segmentation.labels}
+    return {lab.value: _colour(lab) for lab in prov.manifest.segmentation.labels}
 
 
 def _panel(image: np.ndarray, labels: np.ndarray, title: str,

@@ -15,6 +15,8 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 from pydicom import Dataset
 
@@ -151,6 +153,6 @@ def _frames(ds: Dataset) -> list[Frame]:
                   float(time))]
 
 
-def _first_present(*values: object) -> object:
+def _first_present(*values: Any) -> Any:
     """The first value given, where 0 counts (the first phase's trigger time is 0 ms)."""
     return next(v for v in values if v is not None and v != "")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
 import highdicom as hd
 import numpy as np
@@ -19,7 +20,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.encode.derived import derived_from_frame, derived_image
 from dicom_node.encode.provenance import Provenance
-from dicom_node.encode.sr import measurement_report_sr, private_code
+from dicom_node.encode.sr import REGION_DESCRIPTION, measurement_report_sr, private_code, with_texts
 from dicom_node.errors import PipelineError, SkipSeries
 from dicom_node.infer.manifest import ModelManifest
 from dicom_node.infer.runner import InferenceModel, denoise
@@ -160,14 +161,16 @@ def _quality_report(volume: Volume, denoised: np.ndarray, derived: list[Dataset]
         raise PipelineError(f"series {prov.source_series_uid}: {exc}") from exc
     before = ct_quality.measure(volume.values, regions)
     after = ct_quality.measure(denoised, regions)
-    groups = []
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
+                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     originals = [(s.dataset, s.frame) for s in volume.slices]
     for label, measured, images in (("original", before, originals),
                                     ("denoised", after, [(d, None) for d in derived])):
-        for stats in (measured.blood, measured.reference):
-            image, frame = images[stats.roi.slice_index]
-            groups.append(_roi_group(stats, image, frame, label, prov))
-        groups.append(_ratio_group(measured, label, prov))
+        circles = [_circle(stats.roi, *images[stats.roi.slice_index])
+                   for stats in (measured.blood, measured.reference)]
+        for stats, circle in zip((measured.blood, measured.reference), circles, strict=True):
+            groups.append(_roi_group(stats, circle, label, prov))
+        groups.append(_ratio_group(measured, circles, label, prov))
     evidence = {str(d.SOPInstanceUID): d for d in [s.dataset for s in volume.slices] + derived}
     report = measurement_report_sr(
         prov=prov, evidence=list(evidence.values()), groups=groups,
@@ -177,20 +180,38 @@ def _quality_report(volume: Volume, denoised: np.ndarray, derived: list[Dataset]
     return report, (before, after)
 
 
-def _roi_group(stats: ct_quality.RoiStats, image: Dataset, frame: int | None, label: str,
-               prov: Provenance) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    roi = stats.roi
+S = TypeVar("S", hd.sr.ImageRegion, hd.sr.CoordinatesForMeasurement)
+
+
+@dataclass(frozen=True)
+class _Circle:
+    """An ROI as a SCOORD CIRCLE on its image (and frame)."""
+
+    centre_and_edge: np.ndarray  # centre, then a point on the circumference, as (column, row)
+    image: Dataset
+    frame: int | None
+
+    def scoord(self, kind: type[S]) -> S:
+        # A new source item each time: one content item is never in two places of the tree.
+        return kind(graphic_type=hd.sr.GraphicTypeValues.CIRCLE, graphic_data=self.centre_and_edge,
+                    source_image=hd.sr.SourceImageForRegion(
+                        self.image.SOPClassUID, self.image.SOPInstanceUID,
+                        referenced_frame_numbers=[self.frame] if self.frame else None))
+
+
+def _circle(roi: ct_quality.Roi, image: Dataset, frame: int | None) -> _Circle:
     row, col = roi.centre
     radius_px = roi.radius_mm / roi.pixel_spacing_mm[1]
-    # SCOORD CIRCLE: centre, then a point on the circumference, as (column, row).
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
-        graphic_data=np.array([[col + 0.5, row + 0.5], [col + 0.5 + radius_px, row + 0.5]]),
-        source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID,
-                                                referenced_frame_numbers=[frame] if frame else None))
+    return _Circle(np.array([[col + 0.5, row + 0.5], [col + 0.5 + radius_px, row + 0.5]]), image, frame)
+
+
+def _roi_group(stats: ct_quality.RoiStats, circle: _Circle, label: str,
+               prov: Provenance) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    roi = stats.roi
+    region = circle.scoord(hd.sr.ImageRegion)
     tissue = codes.SCT.Blood if roi.kind == "blood" else (
         codes.SCT.Fat if roi.tissue == "adipose tissue" else codes.SCT.Air)
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=prov.uid("roi", f"{roi.kind}-{label}"), identifier=f"{roi.kind} ROI, {label} series"),
         referenced_region=region,
@@ -202,22 +223,33 @@ def _roi_group(stats: ct_quality.RoiStats, image: Dataset, frame: int | None, la
             hd.sr.Measurement(name=codes.SCT.StandardDeviation, value=round(stats.sd_hu, 2), unit=_HU,
                               algorithm_id=prov.sr_algorithm()),
         ],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            name=codes.DCM.Finding,
-            value=private_code("ROI", f"{label}: {roi.description}"[:64]))],
     )
+    # TEXT, not a code: the description is free wording, and a second
+    # Finding (DCM 121071) beside the finding type is lost by dcmqi.
+    return with_texts(group, [(REGION_DESCRIPTION, f"{label} series: {roi.description}")])
 
 
-def _ratio_group(measured: ct_quality.QualityMeasurement, label: str,
+def _ratio_group(measured: ct_quality.QualityMeasurement, circles: list[_Circle], label: str,
                  prov: Provenance) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """Noise, SNR and CNR, each "inferred from" the ROIs it is computed in
+    (TID 300): noise and SNR from the blood pool, CNR from both.  Viewers
+    such as OHIF 3.13 fail on a measurement group without any geometry."""
     algo = prov.sr_algorithm()
+    blood, both = circles[:1], circles
+
+    def where(regions: list[_Circle]) -> list[hd.sr.CoordinatesForMeasurement]:
+        return [c.scoord(hd.sr.CoordinatesForMeasurement) for c in regions]
+
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=prov.uid("ratios", label), identifier=f"noise, SNR and CNR, {label} series"),
         measurements=[
             hd.sr.Measurement(name=private_code("NOISE", "Image noise (SD in blood pool)"),
-                              value=round(measured.noise_hu, 2), unit=_HU, algorithm_id=algo),
-            hd.sr.Measurement(name=_SNR, value=round(measured.snr, 3), unit=_RATIO, algorithm_id=algo),
-            hd.sr.Measurement(name=_CNR, value=round(measured.cnr, 3), unit=_RATIO, algorithm_id=algo),
+                              value=round(measured.noise_hu, 2), unit=_HU, algorithm_id=algo,
+                              referenced_coordinates=where(blood)),
+            hd.sr.Measurement(name=_SNR, value=round(measured.snr, 3), unit=_RATIO, algorithm_id=algo,
+                              referenced_coordinates=where(blood)),
+            hd.sr.Measurement(name=_CNR, value=round(measured.cnr, 3), unit=_RATIO, algorithm_id=algo,
+                              referenced_coordinates=where(both)),
         ],
     )

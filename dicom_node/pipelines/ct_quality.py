@@ -29,14 +29,19 @@ numpy and OpenCV only: this runs inside the node on every series.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from threading import Lock
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
 from dicom_node.errors import PipelineError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = [
     "AIR_HU_MAX",
@@ -158,7 +163,7 @@ def _tissue_masks(vol: np.ndarray, spacing: tuple[float, float], lo: float, hi: 
         s = _smooth(img, spacing)
         m = ((s >= lo) & (s <= hi)).astype(np.uint8)
         if exclude_bone:
-            m &= 1 - cv2.dilate(_fill_holes((s > hi).astype(np.uint8)), rim)
+            m &= (1 - cv2.dilate(_fill_holes((s > hi).astype(np.uint8)), rim)).astype(np.uint8)
         return m
     return _map(one, list(vol))
 
@@ -167,7 +172,8 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` plus every region it fully encloses."""
     _, lab = cv2.connectedComponents(1 - mask, connectivity=4)
     border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-    return (~np.isin(lab, border)).astype(np.uint8) | mask
+    filled: np.ndarray = (~np.isin(lab, border)).astype(np.uint8) | mask
+    return filled
 
 
 def _outside_air(vol: np.ndarray, spacing: tuple[float, float]) -> list[np.ndarray]:
@@ -175,7 +181,8 @@ def _outside_air(vol: np.ndarray, spacing: tuple[float, float]) -> list[np.ndarr
     def one(img: np.ndarray) -> np.ndarray:
         air = (_smooth(img, spacing) < AIR_HU_MAX).astype(np.uint8)
         # Border-connected air is whatever hole-filling the body does not reach.
-        return air & (1 - _fill_holes(1 - air))
+        outside: np.ndarray = air & (1 - _fill_holes(1 - air))
+        return outside
     return _map(one, list(vol))
 
 
@@ -199,8 +206,10 @@ def _fit(vol: np.ndarray, regions: list[tuple[int, np.ndarray]], spacing: tuple[
         best: tuple[float, int, tuple[int, int]] | None = None
         # Slices are searched in parallel (OpenCV and numpy release the GIL);
         # the results are compared in slice order, as one by one.
-        candidates = _map(lambda zr, radius=r: _lowest_sd_centre(vol[zr[0]], zr[1], spacing, radius),
-                          regions)
+        def search(zr: tuple[int, np.ndarray], radius: float = r) -> tuple[float, tuple[int, int]] | None:
+            return _lowest_sd_centre(vol[zr[0]], zr[1], spacing, radius)
+
+        candidates = _map(search, regions)
         for (z, _), found in zip(regions, candidates, strict=False):
             if found is not None and (best is None or found[0] < best[0]):
                 best = (found[0], z, found[1])
@@ -214,7 +223,7 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = Lock()
 
 
-def _map(fn, items: list) -> list:  # type: ignore[no-untyped-def]
+def _map(fn: Callable[[T], R], items: list[T]) -> list[R]:
     """``[fn(i) for i in items]`` on a small shared thread pool."""
     global _POOL
     workers = min(4, os.cpu_count() or 1)

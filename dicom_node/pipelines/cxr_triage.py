@@ -17,12 +17,13 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.sr.codedict import codes
 
 from dicom_node.encode.provenance import Provenance
 from dicom_node.encode.sc import secondary_capture
-from dicom_node.encode.sr import measurement_report_sr, private_code
+from dicom_node.encode.sr import (COMMENT, FINDINGS, NORMALITY, RECOMMENDATION, measurement_report_sr,
+                                  private_code, with_texts)
 from dicom_node.errors import PipelineError, SkipSeries
 from dicom_node.infer.manifest import ModelManifest
 from dicom_node.infer.runner import Classified, InferenceModel, classify
@@ -39,10 +40,11 @@ _FRONTAL_VIEW_CODES = {"399348003", "272479000", "399182009"}
 _PLAIN_CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 _PROBABILITY = codes.DCM.Probability  # DCM 122157
 _THRESHOLD = codes.DCM.ThresholdValue  # DCM 122411
+# No standard concept for a model's operating point as a target sensitivity.
 _TARGET_SENSITIVITY = private_code("SENS_TARGET", "Target sensitivity for abnormal")
-_TRIAGE = private_code("TRIAGE", "AI triage result")
-_NEEDS_REVIEW = private_code("ABN_REVIEW", "Abnormal - needs review")
-_AID = private_code("AID_NOT_DX", "AI triage aid, not a diagnosis")
+# The wording a radiologist reads in any SR viewer, beside the standard codes.
+_REVIEW = {True: "Abnormal - needs review", False: "Normal (AI triage) - no review flag"}
+_AID = "AI triage aid, not a diagnosis"
 _ONE = hd.sr.CodedConcept("1", "UCUM", "no units")
 _PCT = hd.sr.CodedConcept("%", "UCUM", "percent")
 _SERIES_OFFSET = {"sr": 3001, "sc": 3002}
@@ -191,32 +193,44 @@ def _report(read: _Read, prov: Provenance) -> Dataset:
     assert spec is not None
     algo = prov.sr_algorithm()
     result = read.result
-    finding = _NEEDS_REVIEW if read.abnormal else codes.SCT.Normal
+    finding = codes.SCT.Abnormal if read.abnormal else codes.SCT.Normal  # CID 222
     measurements = [
-        hd.sr.Measurement(name=_PROBABILITY, value=round(result.score, 4), unit=_ONE, algorithm_id=algo),
+        hd.sr.Measurement(name=_PROBABILITY, value=round(result.score, 4), unit=_ONE, algorithm_id=algo,
+                          referenced_coordinates=[_whole_image(read.dataset)]),
         hd.sr.Measurement(name=_THRESHOLD, value=round(result.threshold, 6), unit=_ONE, algorithm_id=algo),
     ]
     if spec.target_sensitivity is not None:
         measurements.append(hd.sr.Measurement(name=_TARGET_SENSITIVITY, unit=_PCT, algorithm_id=algo,
                                               value=round(100 * spec.target_sensitivity, 1)))
-    evaluations = [hd.sr.QualitativeEvaluation(_TRIAGE, finding),
-                   hd.sr.QualitativeEvaluation(codes.DCM.Finding, _AID)]
-    # Multi-label: which findings crossed their thresholds, by the model's class names.
-    evaluations += [hd.sr.QualitativeEvaluation(
-        codes.DCM.Finding, private_code("FINDING_OVER", f"{name}: p {p:.3f} >= {t:.3f}"[:64]))
-        for name, p, t in result.findings]
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+    texts = [(RECOMMENDATION, _REVIEW[read.abnormal])]
+    if result.findings:
+        # Multi-label: which findings crossed their thresholds, by the model's class names.
+        texts.append((FINDINGS, "; ".join(f"{name}: p {p:.3f} >= threshold {t:.3f}"
+                                          for name, p, t in result.findings)))
+    texts.append((COMMENT, f"{_AID} ({prov.description})"))
+    group = with_texts(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=prov.uid("triage-group"),
                                                      identifier="chest X-ray normality triage"),
-        finding_type=codes.SCT.Abnormal if read.abnormal else codes.SCT.Normal,
-        algorithm_id=algo, measurements=measurements, qualitative_evaluations=evaluations,
+        finding_type=finding, algorithm_id=algo, measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(NORMALITY, finding)],
         source_images=[hd.sr.SourceImageForMeasurementGroup(read.dataset.SOPClassUID,
                                                             read.dataset.SOPInstanceUID)],
-    )
+    ), texts)
     return measurement_report_sr(prov=prov, evidence=[read.dataset], groups=[group],
                                  procedure=_PLAIN_CHEST_XRAY,
                                  title=f"AI CXR triage {prov.description}",
                                  series_number=prov.series_number(read.dataset, _SERIES_OFFSET["sr"]))
+
+
+def _whole_image(ds: Dataset) -> hd.sr.CoordinatesForMeasurement:
+    """The radiograph's outline, which the probability is inferred from (TID
+    300): the result is of the whole image, and viewers such as OHIF 3.13 fail
+    on a measurement group without any image coordinates."""
+    cols, rows = float(ds.Columns), float(ds.Rows)
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array([[0.0, 0.0], [cols, 0.0], [cols, rows], [0.0, rows], [0.0, 0.0]]),
+        source_image=hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID))
 
 
 def _overlay(grey: np.ndarray, heat: np.ndarray) -> np.ndarray:
@@ -251,7 +265,7 @@ def _capture(read: _Read, prov: Provenance) -> Dataset:
     banner[:] = (150, 20, 20) if read.abnormal else (20, 110, 40)
     heat_note = "" if result.heatmap is not None else "  (model gives no heat map)"
     lines = [f"{verdict}  p(abnormal)={result.score:.3f}  threshold={result.threshold:.3f}{heat_note}",
-             f"{prov.description}: AI triage aid, not a diagnosis"]
+             f"{prov.description}: {_AID}"]
     font = max(0.35, min(0.8, rgb.shape[1] / 1400))
     for i, line in enumerate(lines):
         cv2.putText(banner, line, (8, 22 + 24 * i), cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), 1,

@@ -9,6 +9,7 @@ reason, because scanners and PACS send both.
 from __future__ import annotations
 
 import logging
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,7 +113,7 @@ def _planes(ds: Dataset) -> list[Slice]:
                   (float(spc[0]), float(spc[1])), rescale)]
 
 
-def group_value(item: Dataset, shared: Dataset, seq: str, key: str) -> object:
+def group_value(item: Dataset, shared: Dataset, seq: str, key: str) -> Any:
     """A functional-group attribute of one frame: its per-frame item first,
     then the shared groups; None when neither has it."""
     for source in (item, shared):
@@ -121,7 +122,7 @@ def group_value(item: Dataset, shared: Dataset, seq: str, key: str) -> object:
     return None
 
 
-def _required(item: Dataset, shared: Dataset, seq: str, key: str) -> object:
+def _required(item: Dataset, shared: Dataset, seq: str, key: str) -> Any:
     value = group_value(item, shared, seq, key)
     if value is None:
         raise PipelineError(f"enhanced instance: no {seq}/{key} for a frame")

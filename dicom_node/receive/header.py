@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -29,19 +29,17 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_node.limits import PIXEL_TAGS, declared_pixel_bytes
 from dicom_node.receive.status import StoreStatus
+from dicom_node.store.header import HEADER_WINDOW
 from dicom_node.store.spool import is_valid_uid
 
-__all__ = ["Header", "BadInstance", "InflateBound", "read_header", "read_header_dataset",
+__all__ = ["Header", "BadInstance", "InflateBound", "read_header",
            "HEADER_TAGS", "HEADER_WINDOW"]
 
 HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                "Modality", "ImagesInAcquisition", "NumberOfSlices", *PIXEL_TAGS]
-_TAGS = [Tag(k) for k in HEADER_TAGS]
+_TAGS: list[BaseTag | int] = [Tag(k) for k in HEADER_TAGS]
 _LAST_TAG = max(_TAGS)  # (0054,0081) NumberOfSlices
 
-# Inflated bytes of a deflated dataset kept for reading its header; the
-# attributes we need come long before this in any real dataset.
-HEADER_WINDOW = 4 * 1024 * 1024
 # A deflated dataset may always inflate to this much, whatever its ratio:
 # small highly compressible instances (an empty SR, a blank frame) are fine.
 INFLATE_FLOOR = 64 * 1024 * 1024
@@ -155,45 +153,9 @@ def _inflate(fp: BinaryIO, limit: int, deflated: int) -> tuple[bytes, int]:
     return bytes(window), total
 
 
-def _positive_int(value: object) -> int | None:
+def _positive_int(value: Any) -> int | None:
     try:
-        n = int(value)  # type: ignore[arg-type]
+        n = int(value)
     except (TypeError, ValueError):
         return None
     return n if n > 0 else None
-
-
-# Values longer than this stay on disk until asked for (routing reads only
-# short attributes), so a large private element costs no memory.
-_DEFER = 64 * 1024
-
-
-def _before_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag >= 0x7FE00010
-
-
-def read_header_dataset(path: Path) -> Dataset:
-    """Every attribute before the pixel data, for routing a spooled instance,
-    in bounded memory: a deflated dataset is inflated no further than
-    HEADER_WINDOW bytes (the receiver already refused those that inflate too
-    far), and long values are read lazily."""
-    with path.open("rb") as fp:
-        read_preamble(fp, False)
-        meta = _read_file_meta_info(fp)
-        if str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
-            fp.seek(0)
-            ds = read_partial(fp, stop_when=_before_pixels, defer_size=_DEFER)
-            ds.file_meta = meta
-            return ds
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        window = bytearray()
-        while len(window) < HEADER_WINDOW and not inflater.eof:
-            data = inflater.unconsumed_tail or fp.read(_READ)
-            if not data:
-                break
-            window += inflater.decompress(data, HEADER_WINDOW - len(window))
-    ds = read_dataset(BytesIO(bytes(window)), is_implicit_VR=False, is_little_endian=True,
-                      stop_when=_before_pixels)
-    ds.file_meta = meta
-    return ds
-

@@ -15,11 +15,12 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import Config
@@ -35,6 +36,9 @@ from dicom_node.receive.status import StoreStatus
 from dicom_node.security.tls import server_context
 from dicom_node.store.db import InstanceRecord, Store
 from dicom_node.store.spool import Spool
+
+if TYPE_CHECKING:
+    from dicom_node.store.reconcile import ReconcileReport
 
 __all__ = ["Receiver", "supported_transfer_syntaxes", "storage_sop_classes",
            "reconcile_spool"]
@@ -105,7 +109,7 @@ class Receiver:
         self._lock = threading.Lock()
         # Established associations -> what they did, for the one log line
         # at release or abort: [calling AE, peer, start, instances, bytes, refused].
-        self._tally: dict[Association, list] = {}
+        self._tally: dict[Association, list[Any]] = {}
         node = config.node
         self._limits = PduLimits(max_pdu=advertised_max_pdu(node.max_pdu),
                                  network_timeout_s=node.network_timeout_s,
@@ -155,9 +159,9 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        server = self.ae.make_server((node.host, node.port), evt_handlers=handlers,
-                                     server_class=compat.server_class(reuse_port=self.reuse_port),
-                                     ssl_context=self._tls_context())
+        server = cast(compat.NodeServer, self.ae.make_server(
+            (node.host, node.port), evt_handlers=cast(Any, handlers),
+            server_class=compat.server_class(reuse_port=self.reuse_port), ssl_context=self._tls_context()))
         server.on_tls_failure = self._on_tls_failure
         server.admit = self._admit
         server.contexts = compat.SharedContexts(server.contexts)
@@ -226,7 +230,7 @@ class Receiver:
             return
         compat.set_loop_delay(assoc, RECEIVE_LOOP_DELAY)
         tune_socket(transport.socket, self.config.node.network_timeout_s)
-        host = _host(event.address)
+        host = _host(event.address)  # type: ignore[attr-defined]  # EVT_CONN_OPEN carries it
         reader = BoundedPduReader(transport.socket, self._limits,
                                   lambda label, reason: self._on_violation(host, label, reason),
                                   lambda: bool(assoc.is_established))
@@ -241,6 +245,8 @@ class Receiver:
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         rq = assoc.requestor.primitive
+        if rq is None:
+            raise RuntimeError("EVT_REQUESTED without the A-ASSOCIATE request")
         calling = str(rq.calling_ae_title).strip()
         called = str(rq.called_ae_title).strip()
         host = assoc.requestor.address
@@ -336,7 +342,7 @@ class Receiver:
 
     def _on_store(self, event: evt.Event) -> int:
         """Persist the instance exactly as sent and answer only when durable."""
-        request_uid = str(event.request.AffectedSOPInstanceUID or "")
+        request_uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")
         try:
             status = self._store(event, request_uid)
             if status != StoreStatus.SUCCESS:
@@ -490,7 +496,7 @@ def _same_host(configured: str, actual: str) -> bool:
 
 
 
-def reconcile_spool(spool: Spool, store: Store):
+def reconcile_spool(spool: Spool, store: Store) -> ReconcileReport:
     """Index spooled files the store does not know, and remove superseded
     copies of instances received again elsewhere (store/reconcile.py).
     Returns a ReconcileReport, false when there was nothing to do."""

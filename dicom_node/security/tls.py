@@ -91,7 +91,7 @@ class ClientContexts:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._built: dict[object, tuple[tuple, ssl.SSLContext]] = {}
+        self._built: dict[object, tuple[tuple[object, ...], ssl.SSLContext]] = {}
 
     def get(self, tls: ClientTls) -> ssl.SSLContext:
         stamp = _stamp(tls.ca_file, tls.certificate, tls.private_key)
@@ -105,9 +105,9 @@ class ClientContexts:
         return ctx
 
 
-def _stamp(*paths: Path | None) -> tuple:
+def _stamp(*paths: Path | None) -> tuple[object, ...]:
     """(mtime, size, inode) of each file, None for an absent one."""
-    out = []
+    out: list[object] = []
     for path in paths:
         try:
             st = path.stat() if path is not None else None

@@ -34,6 +34,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,7 +264,7 @@ def _failed_instances(rsp: requests.Response) -> dict[str, int] | None:
     return failed
 
 
-def _first(item: dict, tag: str):
+def _first(item: dict[str, Any], tag: str) -> Any:
     values = (item.get(tag) or {}).get("Value") or []
     return values[0] if values else None
 

@@ -14,6 +14,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import Peer
 from dicom_node.errors import SendError
+from dicom_node.security.tls import ClientContexts
 
 __all__ = ["EchoResult", "echo_peer"]
 
@@ -40,7 +41,7 @@ def echo_peer(peer: Peer, *, calling_ae: str, timeout_s: float = 10.0) -> EchoRe
     ae.add_requested_context(Verification)
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     try:
-        tls = _tls_args(peer)
+        tls = _tls_args(peer, ClientContexts())
     except SendError as exc:
         return result(False, str(exc))
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)

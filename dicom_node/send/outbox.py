@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from threading import Event
+from typing import Any
 
 from dicom_node.config import (
     Config,
@@ -54,7 +55,7 @@ class Dispatcher:
         # Destinations failing now -> [first reason, failed attempts since]:
         # one line when a destination starts failing, one when it recovers,
         # not one per object per retry.
-        self._failing: dict[str, list] = {}
+        self._failing: dict[str, list[Any]] = {}
         # Dead letters: the first of each destination and reason, then a count.
         self._dead = RepeatLog(log, logging.ERROR, every_s=300)
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom import dcmread
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import Peer
@@ -138,7 +139,7 @@ def _tls_args(peer: Peer, contexts: ClientContexts) -> tuple[ssl.SSLContext, str
         raise SendError(peer.name, f"peers.{peer.name}.tls: {exc}", retryable=True) from exc
 
 
-def _store_one(assoc, req: StoreRequest, peer: Peer, syntaxes: set[str]) -> StoreOutcome:
+def _store_one(assoc: Association, req: StoreRequest, peer: Peer, syntaxes: set[str]) -> StoreOutcome:
     try:
         as_written = str(dcmread(req.path, stop_before_pixels=True, specific_tags=[]).file_meta
                          .TransferSyntaxUID) in syntaxes

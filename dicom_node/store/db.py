@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from dicom_node.errors import JobStateError
 
@@ -364,10 +364,10 @@ class Store:
     def spool_bytes(self) -> int:
         """Bytes of the spooled files, from the sizes recorded at reception:
         one SQL sum, no walk of the spool at every scrape."""
-        return self._conn().execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()[0]
+        return int(self._conn().execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()[0])
 
     def count_instances(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+        return int(self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0])
 
     # -- complete and route -----------------------------------------------------
 
@@ -453,7 +453,7 @@ class Store:
         return cur.rowcount == 1
 
     def finish_job(self, job_id: int, state: str, reason: str | None = None,
-                   results: list[tuple[str, str, str, str]] = (),
+                   results: Sequence[tuple[str, str, str, str]] = (),
                    now: float | None = None) -> None:
         """End a job.  ``results`` are (destination, path, sop_uid, sop_class) rows
         queued in the outbox in the same transaction, so a crash either keeps
@@ -479,7 +479,7 @@ class Store:
         jobs that already used ``max_attempts`` fail with ``reason``."""
         now = time.time()
         where = "state='running'" + (" AND worker=?" if worker else "")
-        args: tuple = (worker,) if worker else ()
+        args: tuple[str, ...] = (worker,) if worker else ()
         with self._tx() as db:
             rows = db.execute(f"SELECT id, attempts FROM jobs WHERE {where}", args).fetchall()
             for row in rows:
@@ -512,7 +512,7 @@ class Store:
     def oldest_queued_at(self) -> float | None:
         row = self._conn().execute(
             "SELECT MIN(created_at) FROM jobs WHERE state='queued'").fetchone()
-        return row[0]
+        return None if row[0] is None else float(row[0])
 
     def requeue_job(self, job_id: int) -> bool:
         """Queue an ended job again; False when unknown, queued or running.

@@ -98,7 +98,7 @@ def reconcile(spool: Spool, store: Store, read: Callable[[Path, str], IndexEntry
         store.record_instance(entry.record, modality=entry.modality, calling_ae="",
                               called_ae="", expected_count=entry.expected_count)
         report.indexed += 1
-        if current_mtime is not None and current_path != path:
+        if current_path is not None and current_mtime is not None and current_path != path:
             _remove(spool, current_path)
             report.superseded += 1
     return report
