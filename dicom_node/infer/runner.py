@@ -23,7 +23,7 @@ from dicom_node.infer.manifest import Classification, ModelManifest, Segmentatio
 from dicom_node.infer.tensors import (fit, from_model, invert_normalization, normalize, pad_to,
                                       resample, run_fitted, sigmoid, softmax, spacing_size, to_model)
 
-__all__ = ["InferenceModel", "denoise", "segment", "classify", "Classified", "check_output",
+__all__ = ["InferenceModel", "denoise", "segment", "classify", "Classified", "HeatMap", "check_output",
            "channel_labels"]
 
 
@@ -208,6 +208,22 @@ def segment(images: np.ndarray, spacing: tuple[float, float], model: InferenceMo
 # -- classification ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class HeatMap:
+    """A classifier's heat map, kept on the model's grid (cropped to where the
+    image was) and resampled only to the size it is shown at: mapping a
+    256-pixel map up to a 5-megapixel radiograph, only to shrink it again for
+    a capture, cost more than the model."""
+
+    model_grid: np.ndarray  # (rows, cols) float32, the image's part of the model's grid
+    source_size: tuple[int, int]
+
+    def at(self, size: tuple[int, int]) -> np.ndarray:
+        """On a (rows, cols) grid covering the whole image, clipped to [0, 1]."""
+        out = resample(self.model_grid[None, None], size)[0, 0]
+        return np.clip(out, 0, 1, out=None if np.shares_memory(out, self.model_grid) else out)
+
+
+@dataclass(frozen=True)
 class Classified:
     """One image's reading, in probabilities, by the manifest's rule."""
 
@@ -218,8 +234,14 @@ class Classified:
     abnormal: bool
     # Findings over their thresholds (any_finding), strongest first.
     findings: list[tuple[str, float, float]] = field(default_factory=list)
-    # On the source grid in [0, 1], or None when the model has no heat map.
-    heatmap: np.ndarray | None = None
+    # None when the model has no heat map.
+    heat: HeatMap | None = None
+
+    @property
+    def heatmap(self) -> np.ndarray | None:
+        """The heat map on the source grid in [0, 1] (resampled on each call:
+        use ``heat.at`` for the size it is shown at)."""
+        return None if self.heat is None else self.heat.at(self.heat.source_size)
 
 
 def _class_probabilities(raw: np.ndarray, c: Classification, spec: TensorSpec, model: str) -> np.ndarray:
@@ -276,11 +298,7 @@ def classify(image: np.ndarray, model: InferenceModel) -> Classified:
         return result
     heat_spec = manifest.output(c.heatmap_output)
     heat = from_model(raw[c.heatmap_output], heat_spec)[:, :1]
-    model_grid = heat[:, :, :fitted.batch.shape[-2], :fitted.batch.shape[-1]]
-    back = fitted.back(model_grid)
-    heat = back[0, 0]
-    # Clipped in place when the resize made a buffer of its own (a full-size
-    # map per radiograph: a second one costs as much as the resize).
-    heat = np.clip(heat, 0, 1, out=None if np.may_share_memory(back, raw[c.heatmap_output]) else heat)
+    top, left, rows, cols = fitted.box
+    grid = np.ascontiguousarray(heat[0, 0, top:top + rows, left:left + cols], dtype=np.float32)
     return Classified(result.probabilities, result.score, result.threshold, result.abnormal,
-                      result.findings, heat)
+                      result.findings, HeatMap(grid, fitted.source_size))

@@ -255,15 +255,14 @@ def _capture(read: _Read, prov: Provenance) -> Dataset:
     size = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[0] * scale)))
     grey = (cv2.resize(image, size, interpolation=cv2.INTER_AREA) * 255).astype(np.uint8)
     result = read.result
-    if result.heatmap is not None:
-        heat = cv2.resize(result.heatmap, size, interpolation=cv2.INTER_LINEAR)
-        rgb = _overlay(grey, heat)
+    if result.heat is not None:
+        rgb = _overlay(grey, result.heat.at((size[1], size[0])))
     else:
         rgb = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
     verdict = "ABNORMAL - NEEDS REVIEW" if read.abnormal else "NORMAL (AI triage)"
     banner = np.zeros((56, rgb.shape[1], 3), np.uint8)
     banner[:] = (150, 20, 20) if read.abnormal else (20, 110, 40)
-    heat_note = "" if result.heatmap is not None else "  (model gives no heat map)"
+    heat_note = "" if result.heat is not None else "  (model gives no heat map)"
     lines = [f"{verdict}  p(abnormal)={result.score:.3f}  threshold={result.threshold:.3f}{heat_note}",
              f"{prov.description}: {_AID}"]
     font = max(0.35, min(0.8, rgb.shape[1] / 1400))
