@@ -47,10 +47,11 @@ def main() -> None:
         files = {}
         for name in ("first", "second"):
             datasets = []
-            series_uid = dx_image(base[:8, :8], seed=f"bench-cxr-series-{name}").SeriesInstanceUID
+            head = dx_image(base[:8, :8], seed=f"bench-cxr-series-{name}")
+            series_uid, study_uid = head.SeriesInstanceUID, head.StudyInstanceUID
             for i in range(args.images):
                 ds = dx_image(np.clip(base + rng.normal(0, 0.01, base.shape), 0, 1), seed=f"bench-cxr-{name}-{i}")
-                ds.SeriesInstanceUID = series_uid
+                ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, study_uid
                 ds.InstanceNumber = i + 1
                 datasets.append(ds)
             files[name] = write_datasets(root / name, datasets)

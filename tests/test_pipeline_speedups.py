@@ -219,3 +219,64 @@ def _walk(ds):
     for item in ds.get("ContentSequence", []):
         yield item
         yield from _walk(item)
+
+
+_SR_TIMES = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "ContributionDateTime"}
+
+
+def _sr_json(ds) -> dict:
+    """The SR as DICOM JSON without the times of its creation, which differ
+    between any two builds."""
+    def scrub(node):
+        if isinstance(node, dict):
+            return {k: scrub(v) for k, v in node.items() if _keyword(k) not in _SR_TIMES}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+    return scrub(ds.to_json_dict())
+
+
+def _keyword(tag: str) -> str:
+    from pydicom.datadict import keyword_for_tag
+    try:
+        return keyword_for_tag(int(tag, 16))
+    except ValueError:
+        return ""
+
+
+def _triage_read(i: int, score: float, **changes):
+    from dicom_node.infer.runner import Classified
+    ds = _roundtrip(dx_image(_radiograph(), seed=f"sr-reuse-{i}"))
+    # One series of one study, as a modality sends it.
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.1.76", "1.2.826.0.1.3680043.10.1.77"
+    ds.InstanceNumber = i + 1
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    return cxr_triage._Read(ds, Classified({"abnormal": score}, score, 0.0129226, score >= 0.0129226),
+                            np.zeros((2, 2), np.float32))
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"InstanceNumber": 9}, {"ContentTime": "101010"}, {"AcquisitionDateTime": "20260101101010"},
+    {"AcquisitionNumber": 4}, {"ExposureIndex": 312},
+    # Not per image: these make a new template, so the result is right either way.
+    {"PatientName": "OTHER^PATIENT"}, {"Rows": 97}, {"SeriesNumber": 7},
+])
+def test_triage_srs_derived_from_the_first_are_what_highdicom_builds(changes):
+    from dicom_node.encode.sr_reuse import PER_IMAGE, ReportTemplates
+    manifest = ModelRegistry(load_config().models_dir).get("cxr_triage").manifest
+    templates = ReportTemplates()
+    # Two derived from each template: a derived SR must not change its template.
+    scores = [(0.8, {}), (0.001, {}), (0.43, changes), (0.0005, changes), (0.97, changes), (0.002, changes)]
+    for i, (score, extra) in enumerate(scores):
+        read = _triage_read(i, score, **extra)
+        prov = Provenance(manifest, "cxr_triage", str(read.dataset.SOPInstanceUID), "CPUExecutionProvider")
+        derived = cxr_triage._report(read, prov, templates)
+        direct = cxr_triage._build_report(read, prov)
+        assert _sr_json(derived) == _sr_json(direct), (i, changes)
+        assert derived.file_meta.to_json_dict() == direct.file_meta.to_json_dict()
+        assert derived.SOPInstanceUID == prov.uid("sr")
+    # Two kinds (abnormal, normal), or four when the change is not per image:
+    # so the SRs of images 2 and 3 were really derived in the first case.
+    assert set(changes) <= PER_IMAGE | {"PatientName", "Rows", "SeriesNumber"}
+    assert len(templates._built) == (2 if set(changes) <= PER_IMAGE else 4)

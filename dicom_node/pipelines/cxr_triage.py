@@ -24,6 +24,7 @@ from dicom_node.encode.provenance import Provenance
 from dicom_node.encode.sc import secondary_capture
 from dicom_node.encode.sr import (COMMENT, FINDINGS, NORMALITY, RECOMMENDATION, measurement_report_sr,
                                   private_code, with_texts)
+from dicom_node.encode.sr_reuse import ReportTemplates
 from dicom_node.errors import PipelineError, SkipSeries
 from dicom_node.infer.manifest import ModelManifest
 from dicom_node.infer.runner import Classified, InferenceModel, classify
@@ -79,6 +80,7 @@ class CxrTriage:
         held: list[str] = []
         abnormal = False
         ranges = plausible_ranges(self, model.manifest)
+        templates = ReportTemplates()
         for ds in job.datasets:
             if "PixelData" not in ds:
                 continue
@@ -96,7 +98,7 @@ class CxrTriage:
                      implausible({"abnormality_probability": read.result.score}, ranges)]
             with timer.stage("encode"):
                 prov = Provenance(model.manifest, self.name, str(ds.SOPInstanceUID), model.provider)
-                results += [_report(read, prov), _capture(read, prov)]
+                results += [_report(read, prov, templates), _capture(read, prov)]
         if not results:
             raise SkipSeries(f"job {job.job_id}: no frontal chest radiograph: " + "; ".join(skipped)[:500])
         summary = {"images": len(results) // 2, "skipped": len(skipped)}
@@ -188,7 +190,24 @@ def _presentation_by_lut(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 
-def _report(read: _Read, prov: Provenance) -> Dataset:
+def _report(read: _Read, prov: Provenance, templates: ReportTemplates | None = None) -> Dataset:
+    """The triage SR; with ``templates``, derived from the job's first SR of
+    the same kind (same verdict, image size and patient/study) when there is
+    one, which is what highdicom would build (encode/sr_reuse.py)."""
+    result = read.result
+    if templates is None or result.findings:
+        # Multi-label findings are words that differ per image: built each time.
+        return _build_report(read, prov)
+    ds = read.dataset
+    score = round(result.score, 4)
+    uids = {"source": str(ds.SOPInstanceUID), "sr": prov.uid("sr"), "sr-series": prov.uid("sr-series"),
+            "group": prov.uid("triage-group")}
+    probability = hd.sr.NumContentItem(name=_PROBABILITY, value=score, unit=_ONE)
+    return templates.report((read.abnormal, round(result.threshold, 6)), ds, uids,
+                            {_PROBABILITY: probability}, lambda: _build_report(read, prov))
+
+
+def _build_report(read: _Read, prov: Provenance) -> Dataset:
     spec = prov.manifest.classification
     assert spec is not None
     algo = prov.sr_algorithm()
