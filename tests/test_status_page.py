@@ -395,8 +395,10 @@ def test_status_page_in_chromium_during_a_real_run(node_factory, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(REPO / "models_onnx", models, ignore=shutil.ignore_patterns("recipes"))
     manifest = models / "ct_denoise.yaml"
-    manifest.write_text(manifest.read_text().replace("roi_mean_shift_hu: [0, 30]",
-                                                     "roi_mean_shift_hu: [500, 600]"))
+    doc = yaml.safe_load(manifest.read_text())
+    assert doc["plausible"]["roi_mean_shift_hu"] == [0, 30]
+    doc["plausible"]["roi_mean_shift_hu"] = [500, 600]
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     cxr = {"name": "cxr", "pipeline": "cxr_triage", "model": "cxr_triage", "destinations": ["out"],
            "quiet_seconds": 1, "match": [{"keyword": "Modality", "one_of": ["DX", "CR"]},
                                          {"keyword": "BodyPartExamined", "one_of": ["CHEST"]}]}

@@ -35,7 +35,7 @@ from dicom_node.limits import CodestreamError, check_encapsulated_frames, declar
 from dicom_node.observability.logs import RepeatLog, escape
 from dicom_node.observability.metrics import Metrics
 from dicom_node.pipelines.base import PipelineInput, check_pair, get_pipeline
-from dicom_node.store.db import Job, JobState, Store
+from dicom_node.store.db import Job, JobState, OutboxEntry, Store
 from dicom_node.store.layout import DataDir
 from dicom_node.store.spool import atomic_write, is_valid_uid
 
@@ -227,12 +227,12 @@ class Worker:
         self.metrics.jobs_deferred.labels(pipeline=job.pipeline).inc()
 
     def _end(self, job: Job, state: str, reason: str | None,
-             results: Sequence[tuple[str, str, str, str]] = ()) -> None:
+             results: Sequence[OutboxEntry] = ()) -> None:
         self.store.finish_job(job.id, state, reason, results)
         self.metrics.jobs_finished.labels(pipeline=job.pipeline, state=state).inc()
 
     def _hold(self, job: Job, reasons: tuple[str, ...],
-              results: list[tuple[str, str, str, str]]) -> None:
+              results: list[OutboxEntry]) -> None:
         """End a job whose result the pipeline found implausible: its files
         are written and recorded (the store holds them from sending) so that
         an operator can review, release or discard them."""
@@ -244,7 +244,7 @@ class Worker:
                     "dicom-node jobs --release %d or --discard %d)", job.id, job.pipeline,
                     job.model, reason, len(results), job.id, job.id)
 
-    def _run(self, job: Job) -> tuple[list[tuple[str, str, str, str]], dict[str, Any], tuple[str, ...]]:
+    def _run(self, job: Job) -> tuple[list[OutboxEntry], dict[str, Any], tuple[str, ...]]:
         route = self.config.route(job.route)
         pipeline = get_pipeline(job.pipeline)
         model = self.models.get(job.model)
@@ -267,7 +267,7 @@ class Worker:
                 model=model.manifest.name, provider=model.provider,
                 backend=getattr(model, "backend", "onnxruntime")).observe(timings["inference"])
         destinations = route.result_destinations.get(result.outcome or "", route.destinations)
-        queued = [(dest, str(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
+        queued = [OutboxEntry(dest, str(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID))
                   for dest in destinations for ds, path in zip(result.datasets, paths, strict=False)]
         summary = dict(result.summary, outcome=result.outcome) if result.outcome else dict(result.summary)
         summary.update({f"{k}_s": round(v, 3) for k, v in timings.items()})

@@ -15,6 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 from enum import StrEnum
 from pathlib import Path
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ __all__ = [
     "SeriesRecord",
     "Job",
     "OutboxItem",
+    "OutboxEntry",
 ]
 
 _SCHEMA = """
@@ -208,6 +210,15 @@ class Job:
     completed_at: float
     # Times the job was queued again after a full disk (not attempts).
     deferrals: int = 0
+
+
+class OutboxEntry(NamedTuple):
+    """A result file to queue for one destination (finish_job's input)."""
+
+    destination: str
+    path: str
+    sop_uid: str
+    sop_class: str
 
 
 @dataclass(frozen=True)
@@ -453,10 +464,9 @@ class Store:
         return cur.rowcount == 1
 
     def finish_job(self, job_id: int, state: str, reason: str | None = None,
-                   results: Sequence[tuple[str, str, str, str]] = (),
+                   results: Sequence[OutboxEntry] = (),
                    now: float | None = None) -> None:
-        """End a job.  ``results`` are (destination, path, sop_uid, sop_class) rows
-        queued in the outbox in the same transaction, so a crash either keeps
+        """End a job.  ``results`` are queued in the outbox in the same transaction, so a crash either keeps
         both or neither.  A held job's results are recorded as held: the row
         state follows the job state, so a held job can never have an item
         the dispatcher would send."""
