@@ -303,3 +303,10 @@ def require_tools() -> None:
     if missing:
         raise RuntimeError(f"test peers missing: {missing}; `make test` installs them "
                            "(apt-get install dcmtk orthanc dicom3tools)")
+
+
+def model_label(name: str) -> str:
+    """"NAME VERSION" of a shipped model, as results and log lines name it."""
+    import yaml
+    manifest = yaml.safe_load((REPO / "models_onnx" / f"{name}.yaml").read_text())
+    return f"{name} {manifest['version']}"

@@ -24,13 +24,16 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 import yaml
-from helpers import REPO, http_get, wait_for
+from helpers import REPO, http_get, model_label, wait_for
 from onnxruntime.capi import build_and_package_info
 from packaging.requirements import Requirement
 
 from dicom_node.config import load_config
 from dicom_node.errors import ConfigError
 from dicom_node.infer.engine import ModelRegistry, OnnxModel
+
+CT_MODEL = model_label("ct_denoise")
+CXR_MODEL = model_label("cxr_triage")
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -61,7 +64,7 @@ def test_a_cuda_request_logs_the_provider_obtained_and_why_not_cuda(caplog):
     assert len(lines) == 1, lines  # one line per model
     if provider == "CPUExecutionProvider":
         line = lines[0]
-        assert line.startswith("model ct_denoise 1.0.0 runs on CPUExecutionProvider; "
+        assert line.startswith(f"model {CT_MODEL} runs on CPUExecutionProvider; "
                                "CUDAExecutionProvider not obtained: "), line
         assert any(word in line for word in reasons), (reasons, line)
         assert any(word in model.not_obtained["CUDAExecutionProvider"] for word in reasons)
@@ -71,7 +74,7 @@ def test_a_cuda_request_logs_the_provider_obtained_and_why_not_cuda(caplog):
         registry.get("ct_denoise")
         assert registry.cpu_fallback("ct_denoise").startswith("runs on CPUExecutionProvider (CUDAExecutionProvider")
     else:
-        assert lines == ["model ct_denoise 1.0.0 loaded on CUDAExecutionProvider"]
+        assert lines == [f"model {CT_MODEL} loaded on CUDAExecutionProvider"]
         assert model.not_obtained == {}
 
 
@@ -79,7 +82,7 @@ def test_the_cpu_alone_is_no_fallback_and_names_no_reason(caplog):
     with caplog.at_level(logging.INFO, logger="dicom_node.infer"):
         model = OnnxModel.load(MODELS / "cxr_triage.yaml", ["CPUExecutionProvider"], intra_op_threads=1)
     assert model.provider == "CPUExecutionProvider" and model.not_obtained == {}
-    assert [r.getMessage() for r in caplog.records] == ["model cxr_triage 1.0.0 loaded on CPUExecutionProvider"]
+    assert [r.getMessage() for r in caplog.records] == [f"model {CXR_MODEL} loaded on CPUExecutionProvider"]
     registry = ModelRegistry(MODELS, ["CPUExecutionProvider"], intra_op_threads=1)
     assert registry.cpu_fallback("cxr_triage") is None  # not loaded: nothing to say yet
     registry.get("cxr_triage")
@@ -126,7 +129,7 @@ def test_readyz_is_not_ready_while_a_model_runs_on_the_cpu_with_require_gpu(node
         assert gpu.startswith("model ct_denoise runs on CPUExecutionProvider (CUDAExecutionProvider not obtained: ")
         assert any(word in gpu for word in reasons), (reasons, gpu)
         # The start-up line names the reason too, once for the model's check.
-        assert any("model ct_denoise 1.0.0 runs on CPUExecutionProvider; CUDAExecutionProvider not obtained"
+        assert any(f"model {CT_MODEL} runs on CPUExecutionProvider; CUDAExecutionProvider not obtained"
                    in line and any(w in line for w in reasons) for line in strict.log().splitlines())
     else:
         assert status == 200 and body["checks"]["gpu"] == "ok", body

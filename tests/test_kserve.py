@@ -24,6 +24,7 @@ from helpers import (
     storescu,
     wait_for,
     write_ct_series,
+    model_label,
 )
 from pydicom import dcmread
 from triton_server import TritonServer
@@ -37,6 +38,8 @@ from dicom_node.infer.engine import ModelRegistry, sha256_of
 from dicom_node.infer.manifest import load_manifest
 from dicom_node.infer.runner import classify, denoise, segment
 from dicom_node.pipelines.base import PipelineInput, get_pipeline
+
+CT_MODEL = model_label("ct_denoise")
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -272,7 +275,7 @@ def test_node_on_triton_sends_results_equal_to_in_process_and_waits_for_a_server
         assert 'backend="kserve"' in node.metrics()
         verify = node.cli("models", "verify")
         assert verify.returncode == 0, verify.stdout + verify.stderr
-        assert f"model ct_denoise 1.0.0: OK on kserve:grpc://{server.grpc_url}" in verify.stdout
+        assert f"model {CT_MODEL}: OK on kserve:grpc://{server.grpc_url}" in verify.stdout
 
         # The server goes away: the next job waits, retried with backoff, never failed.
         server.stop()

@@ -1,9 +1,12 @@
-"""Cardiac short-axis segmentation: the shipped ONNX model, the metrics and the phantom.
+"""Cardiac short-axis segmentation: the shipped ONNX model, the metrics and the phantoms.
 
-The model test runs onnxruntime (CPU) on fresh phantoms, drawn with a seed
-used neither for training nor for the held-out set in the manifest, through
-the same resample -> z-score -> pad -> argmax -> resample-back path the
-pipeline uses, and checks the result against the numbers the manifest claims.
+The model tests run the node's own segmentation path
+(``dicom_node.infer.runner.segment``: resample -> z-score -> pad -> argmax ->
+resample back) with onnxruntime on fresh phantoms, drawn with seeds used
+neither for training nor for the held-out sets in the manifest, from two
+families: the training generator (``cardiac_phantom``) and the separately
+designed ``independent.cardiac``, on which nothing was trained.  They check
+the manifest's figures and issue 17's targets on the independent family.
 No torch needed.
 """
 
@@ -18,7 +21,9 @@ import numpy as np
 import pytest
 
 from dicom_node.errors import PipelineError
+from dicom_node.infer.engine import OnnxModel
 from dicom_node.infer.manifest import ModelManifest, load_manifest
+from dicom_node.infer.runner import segment
 from dicom_node.pipelines.cardiac_metrics import (
     cardiac_metrics,
     dice,
@@ -26,7 +31,9 @@ from dicom_node.pipelines.cardiac_metrics import (
     mosteller_bsa,
     phase_volumes,
 )
-from dicom_node_synthetic.cardiac_phantom import make_cine, volume_curve
+from dicom_node_synthetic.cardiac_phantom import make_cine, make_cine_randomised, volume_curve
+from dicom_node_synthetic.independent import cardiac as independent
+from dicom_node_synthetic.independent.cardiac import make_independent_cine
 
 MODELS = Path(__file__).resolve().parents[1] / "models_onnx"
 MANIFEST = MODELS / "cardiac_seg.yaml"
@@ -42,42 +49,47 @@ def manifest() -> ModelManifest:
     return load_manifest(MANIFEST)
 
 
+INDEPENDENT_SEED = 31338  # nor the independent family's held-out seed (880017)
+INDEPENDENT_STUDIES = 4
+
+
 @pytest.fixture(scope="module")
-def fresh_predictions(manifest: ModelManifest):
-    ort = pytest.importorskip("onnxruntime")
-    sess = ort.InferenceSession(str(MODELS / manifest.onnx), providers=["CPUExecutionProvider"])
+def model() -> OnnxModel:
+    return OnnxModel.load(MANIFEST)
+
+
+def _segment(model: OnnxModel, images: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+    """What the pipeline does with a (phases, slices, rows, cols) cine, per the manifest."""
+    P, S, H, W = images.shape
+    return segment(images.reshape(P * S, H, W), spacing, model, 8).reshape(P, S, H, W)
+
+
+@pytest.fixture(scope="module")
+def fresh_predictions(model: OnnxModel):
     rng = np.random.default_rng(FRESH_SEED)
     out = []
     for _ in range(2):
         st = make_cine(rng, n_slices=10, n_phases=6, size=256)
-        out.append((st, _segment(sess, st.images, st.pixel_spacing_mm, manifest)))
+        out.append((st, _segment(model, st.images, st.pixel_spacing_mm)))
     return out
 
 
-def _segment(sess, images: np.ndarray, spacing: tuple[float, float],
-             manifest: ModelManifest) -> np.ndarray:
-    """What the pipeline does with each slice, per the manifest."""
-    target = manifest.geometry.pixel_spacing_mm
-    assert target is not None
-    mult = manifest.geometry.size_multiple
-    P, S, H, W = images.shape
-    pred = np.empty(images.shape, np.uint8)
-    for p in range(P):
-        batch, sizes = [], []
-        for k in range(S):
-            nh, nw = round(H * spacing[0] / target[0]), round(W * spacing[1] / target[1])
-            r = cv2.resize(images[p, k], (nw, nh), interpolation=cv2.INTER_LINEAR)
-            r = (r - r.mean()) / r.std()
-            batch.append(np.pad(r, ((0, -nh % mult), (0, -nw % mult)), mode="edge"))
-            sizes.append((nh, nw))
-        logits = sess.run([manifest.outputs[0].name],
-                          {manifest.inputs[0].name: np.stack(batch)[:, None].astype(np.float32)})[0]
-        assert logits.shape[1] == 4
-        for k, (nh, nw) in enumerate(sizes):
-            lab = logits[k].argmax(0)[:nh, :nw].astype(np.uint8)
-            # NEAREST_EXACT is centre-aligned like INTER_LINEAR; INTER_NEAREST is not.
-            pred[p, k] = cv2.resize(lab, (W, H), interpolation=cv2.INTER_NEAREST_EXACT)
-    return pred
+@pytest.fixture(scope="module")
+def independent_predictions(model: OnnxModel):
+    rng = np.random.default_rng(INDEPENDENT_SEED)
+    out = []
+    for _ in range(INDEPENDENT_STUDIES):
+        st = make_independent_cine(rng, n_phases=6)
+        out.append((st, _segment(model, st.images, st.pixel_spacing_mm)))
+    return out
+
+
+def _mean_dice(predictions, value: int) -> tuple[float, int]:
+    scores = [dice(pred[p, k] == value, st.labels[p, k] == value)
+              for st, pred in predictions
+              for p in range(pred.shape[0]) for k in range(pred.shape[1])
+              if (st.labels[p, k] == value).any()]
+    return float(np.mean(scores)), len(scores)
 
 
 # ----------------------------------------------------------------------- model
@@ -101,13 +113,10 @@ def test_onnx_checksum_matches_manifest(manifest: ModelManifest) -> None:
 def test_dice_on_fresh_phantoms_matches_manifest(manifest: ModelManifest,
                                                  fresh_predictions) -> None:
     for value, name in ((1, "lv_cavity"), (2, "lv_myocardium"), (3, "rv_cavity")):
-        scores = [dice(pred[p, k] == value, st.labels[p, k] == value)
-                  for st, pred in fresh_predictions
-                  for p in range(pred.shape[0]) for k in range(pred.shape[1])
-                  if (st.labels[p, k] == value).any()]
-        assert len(scores) > 20
+        score, n = _mean_dice(fresh_predictions, value)
+        assert n > 20
         claimed = manifest.quality["dice"][name]
-        assert np.mean(scores) >= claimed - DICE_TOLERANCE, (name, np.mean(scores), claimed)
+        assert score >= claimed - DICE_TOLERANCE, (name, score, claimed)
 
 
 def test_lvef_on_fresh_phantoms_matches_manifest(manifest: ModelManifest,
@@ -121,6 +130,59 @@ def test_lvef_on_fresh_phantoms_matches_manifest(manifest: ModelManifest,
         assert abs(m.es_phase - st.es_phase) <= 1
     claimed = manifest.quality["mae"]["lvef_pct"]
     assert np.mean(errors) <= claimed + LVEF_TOLERANCE_PCT, (errors, claimed)
+
+
+# Issue 17's targets on the independent family.
+TARGET_DICE = 0.85
+TARGET_VOLUME_REL = 0.10
+TARGET_LVEF_POINTS = 5.0
+TARGET_STUDY_FRACTION = 0.90
+
+
+def test_manifest_reports_both_families(manifest: ModelManifest) -> None:
+    q = manifest.quality
+    for family in ("training_family", "independent_family"):
+        fig = q[family]
+        assert set(fig["dice"]) == {"lv_cavity", "lv_myocardium", "rv_cavity"}
+        assert fig["studies"] >= 6 and 0.0 <= fig["fraction_of_studies"]["all_three"] <= 1.0
+    assert q["dice"] == q["training_family"]["dice"]
+    ind = q["independent_family"]
+    assert ind["studies"] >= 20 and "independent" in ind["kind"]
+    assert ind["dice"]["lv_cavity"] >= TARGET_DICE and ind["dice"]["lv_myocardium"] >= TARGET_DICE
+    assert ind["fraction_of_studies"]["all_three"] >= TARGET_STUDY_FRACTION, ind
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17 target not met: RV cavity Dice on the "
+                   "independent family is 0.80 (mean over slices), target 0.85")
+def test_manifest_rv_dice_meets_target_on_independent_family(manifest: ModelManifest) -> None:
+    assert manifest.quality["independent_family"]["dice"]["rv_cavity"] >= TARGET_DICE
+
+
+def test_independent_family_dice_meets_target(manifest: ModelManifest,
+                                              independent_predictions) -> None:
+    claimed = manifest.quality["independent_family"]["dice"]
+    for value, name in ((1, "lv_cavity"), (2, "lv_myocardium"), (3, "rv_cavity")):
+        score, n = _mean_dice(independent_predictions, value)
+        assert n > 40
+        # The RV misses the target on the 30-study set (see the xfail above):
+        # here it must at least hold the manifest's figure.
+        if name != "rv_cavity":
+            assert score >= TARGET_DICE, (name, score)
+        assert score >= claimed[name] - DICE_TOLERANCE, (name, score, claimed[name])
+
+
+def test_independent_family_volumes_meet_target(independent_predictions) -> None:
+    within, report = 0, []
+    for st, pred in independent_predictions:
+        m = cardiac_metrics(pred, st.pixel_spacing_mm, st.slice_spacing_mm)
+        errors = (m.lvedv_ml / st.lvedv_ml - 1.0, m.lvesv_ml / st.lvesv_ml - 1.0,
+                  m.lvef_pct - st.lvef_pct)
+        report.append(tuple(round(e, 3) for e in errors))
+        within += (abs(errors[0]) <= TARGET_VOLUME_REL and abs(errors[1]) <= TARGET_VOLUME_REL
+                   and abs(errors[2]) <= TARGET_LVEF_POINTS)
+    # With a true rate of 90 % or more, 4 studies hold 3 or more within target with
+    # probability >= 0.95 (binomial); all 4 would fail a 90 % model one time in three.
+    assert within >= INDEPENDENT_STUDIES - 1, report
 
 
 # ---------------------------------------------------------------------- metrics
@@ -245,6 +307,60 @@ def test_phantom_truth_is_consistent_with_labels() -> None:
         contours, _ = cv2.findContours(ring, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
         return ring.sum() / (sum(cv2.arcLength(c, True) for c in contours) / 2)
     assert thickness(st.labels[st.es_phase, mid]) > 1.15 * thickness(st.labels[ed, mid])
+
+
+def test_randomised_training_phantom_is_consistent_and_wider() -> None:
+    st = make_cine_randomised(np.random.default_rng(3), n_slices=8, n_phases=6, size=128)
+    again = make_cine_randomised(np.random.default_rng(3), n_slices=8, n_phases=6, size=128)
+    np.testing.assert_array_equal(st.images, again.images)
+    m = cardiac_metrics(st.labels, st.pixel_spacing_mm, st.slice_spacing_mm)
+    assert m.lvedv_ml == pytest.approx(st.lvedv_ml) and m.lv_mass_g == pytest.approx(st.lv_mass_g)
+    efs = [make_cine_randomised(np.random.default_rng(s), n_slices=4, n_phases=4, size=96).lvef_pct
+           for s in range(12)]
+    # The default generator keeps LVEF in 30-70 %; the randomised one goes beyond.
+    assert min(efs) < 30.0 or max(efs) > 70.0, efs
+
+
+def test_independent_phantom_imports_nothing_from_the_training_generator() -> None:
+    source = Path(independent.__file__).read_text(encoding="utf-8")
+    assert "cardiac_phantom" not in source.replace("dicom_node_synthetic.cardiac_phantom`", "")
+
+
+def test_independent_phantom_is_deterministic_and_truthful() -> None:
+    a = make_independent_cine(np.random.default_rng(8), n_phases=3)
+    b = make_independent_cine(np.random.default_rng(8), n_phases=3)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.images.dtype == np.float32 and a.labels.dtype == np.uint8
+    assert set(np.unique(a.labels)) <= {0, 1, 2, 3}
+    m = cardiac_metrics(a.labels, a.pixel_spacing_mm, a.slice_spacing_mm)
+    assert (m.ed_phase, m.es_phase) == (a.ed_phase, a.es_phase)
+    assert m.lvedv_ml == pytest.approx(a.lvedv_ml) and m.lvesv_ml == pytest.approx(a.lvesv_ml)
+    assert m.lv_mass_g == pytest.approx(a.lv_mass_g) and m.rvedv_ml == pytest.approx(a.rvedv_ml)
+    ed = a.ed_phase
+    blood = a.images[ed][a.labels[ed] == 1].mean()
+    assert blood > 1.5 * a.images[ed][a.labels[ed] == 2].mean()
+
+
+def test_independent_phantom_varies_what_the_issue_lists() -> None:
+    studies = [make_independent_cine(np.random.default_rng(s), n_phases=2) for s in range(6)]
+    shapes = [st.images.shape[1:] for st in studies]
+    assert len({s[0] for s in shapes}) >= 3 and len({s[1] for s in shapes}) >= 5
+    assert any(s[1] != s[2] for s in shapes)
+    assert np.ptp([st.pixel_spacing_mm[0] for st in studies]) > 0.4
+    assert np.ptp([st.slice_spacing_mm for st in studies]) > 1.0
+    # Apical coverage varies: some stacks end in myocardium-only or empty slices.
+    apical = [not (st.labels[st.ed_phase, -1] == 1).any() for st in studies]
+    assert any(apical) and not all(apical)
+    # Oblique planes: the LV centre drifts across the stack.
+    drift = []
+    for st in studies:
+        lv = st.labels[st.ed_phase] == 1
+        rows = [np.argwhere(lv[k]).mean(0) for k in range(lv.shape[0]) if lv[k].sum() > 50]
+        drift.append(float(np.linalg.norm(rows[-1] - rows[0])) * st.pixel_spacing_mm[0])
+    assert max(drift) > 10.0 and min(drift) < max(drift) / 2
+    # Magnitude noise: the air outside the body is never zero (non-central chi).
+    assert all(float(st.images[0, 0, :4, :4].min()) > 0.0 for st in studies)
 
 
 def test_volume_curve_shape() -> None:

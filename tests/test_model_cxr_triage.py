@@ -1,15 +1,20 @@
-"""Reference chest X-ray triage model and the synthetic radiograph phantom.
+"""Reference chest X-ray triage model and the synthetic radiograph phantoms.
 
-The model checks run onnxruntime on CPU (no torch) on a FRESH phantom set,
-drawn with a seed the recipe never used for training, validation or its
-held-out test, and compare with what the manifest claims.  The tolerances are
-derived from the size of that small set (binomial / Hanley-McNeil), not
-guessed, so a model that is really worse than its manifest fails while
+The model checks run onnxruntime on CPU (no torch) on FRESH phantom sets,
+drawn with seeds the recipe never used for training, validation or its
+held-out tests, and compare with what the manifest claims: on the narrow
+default phantom, on the domain-randomised training family, and on the
+independently designed family (``dicom_node_synthetic.independent.cxr``),
+where they also check the targets of issue 17 (sensitivity >= 99 % and
+specificity >= 60 % at the operating point).  The tolerances are derived
+from the size of those small sets (binomial / Hanley-McNeil), not guessed,
+so a model that is really worse than its manifest or the target fails while
 sampling noise does not.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import math
 from pathlib import Path
@@ -18,24 +23,42 @@ import cv2
 import numpy as np
 import pytest
 
+from dicom_node.config import load_config
+from dicom_node.infer.engine import ModelRegistry
 from dicom_node.infer.manifest import ModelManifest, load_manifest
+from dicom_node.infer.runner import classify
+from dicom_node.pipelines.cxr_triage import presentation
+from dicom_node_synthetic import independent
 from dicom_node_synthetic.cxr_phantom import (
     FINDINGS,
     NORMAL_CTR_RANGE,
     SEVERITIES,
+    VARIED_CARDIOMEGALY_CTR_RANGE,
+    VARIED_NORMAL_CTR_RANGE,
     Radiograph,
     make_radiograph,
+    make_varied_radiograph,
     measure_ctr,
 )
+from dicom_node_synthetic.dicom_dx import dx_image
+from dicom_node_synthetic.independent import cxr as independent_cxr
 
 ort = pytest.importorskip("onnxruntime")
 
 MODELS = Path(__file__).resolve().parents[1] / "models_onnx"
 MANIFEST = MODELS / "cxr_triage.yaml"
 # The recipe draws image i of a split from default_rng([20260517, split, i])
-# with split 1..3; this seed shares no stream with any of them.
+# with split 1..4; these seeds share no stream with any of them (nor did the
+# recipe's development runs look at them).
 FRESH_SEED = 4242
 N_FRESH = 160
+VARIED_SEED = 4343
+N_VARIED = 120
+INDEPENDENT_SEED = 4444
+N_INDEPENDENT = 160
+# Issue 17's targets on the independent family, at the operating point.
+TARGET_SENSITIVITY = 0.99
+TARGET_SPECIFICITY = 0.60
 # Chance that a model as good as its manifest fails one of the statistical
 # checks below on this set size.
 ALPHA = 0.01
@@ -182,7 +205,7 @@ def test_outputs_shape_range_and_batch_independence(
 def test_auc_on_fresh_set_matches_manifest(manifest: ModelManifest, fresh: dict,
                                            outputs: tuple[np.ndarray, np.ndarray]) -> None:
     labels = fresh["labels"]
-    claimed = float(manifest.quality["auc"])
+    claimed = float(manifest.quality["default_phantom"]["auc"])
     got = _auc(outputs[0][:, 0], labels)
     # 3.3 standard errors (one-sided ~0.0005) of an AUC on this set size.
     tol = 3.3 * _auc_se(claimed, int(labels.sum()), int((~labels).sum()))
@@ -192,7 +215,7 @@ def test_auc_on_fresh_set_matches_manifest(manifest: ModelManifest, fresh: dict,
 def test_sensitivity_at_threshold_on_fresh_set(manifest: ModelManifest, fresh: dict,
                                                outputs: tuple[np.ndarray, np.ndarray]
                                                ) -> None:
-    """Sensitivity tolerance sized for 80 abnormal images.
+    """Default phantom; sensitivity tolerance sized for 80 abnormal images.
 
     The expected sensitivity is the lower of the held-out value and the 0.99
     target (a held-out 1.0 on 500 images does not promise 1.0).  At 0.99 a
@@ -204,14 +227,15 @@ def test_sensitivity_at_threshold_on_fresh_set(manifest: ModelManifest, fresh: d
     pred = outputs[0][:, 0] >= manifest.classification.probability_threshold
     n_abn = int(labels.sum())
     misses = int((~pred[labels]).sum())
-    expected = min(float(manifest.quality["sensitivity"]),
+    claims = manifest.quality["default_phantom"]
+    expected = min(float(claims["sensitivity"]),
                    float(manifest.classification.target_sensitivity or 1.0))
     allowed = _max_failures(n_abn, expected)
     assert misses <= allowed, f"{misses}/{n_abn} abnormal missed, allowed {allowed}"
     # Specificity: the share of normals auto-triaged must not collapse either.
     n_nor = int((~labels).sum())
     false_pos = int(pred[~labels].sum())
-    allowed_fp = _max_failures(n_nor, float(manifest.quality["specificity"]))
+    allowed_fp = _max_failures(n_nor, float(claims["specificity"]))
     assert false_pos <= allowed_fp, f"{false_pos}/{n_nor} normals flagged"
 
 
@@ -222,9 +246,141 @@ def test_heatmap_points_at_the_abnormality(manifest: ModelManifest, fresh: dict,
     masks = fresh["masks"][labels]
     flat = heat.reshape(len(heat), -1).argmax(axis=1)
     hits = masks.reshape(len(masks), -1)[np.arange(len(masks)), flat]
-    claimed = float(manifest.quality["heatmap_hit_rate"])
+    claimed = float(manifest.quality["default_phantom"]["heatmap_hit_rate"])
     misses_allowed = _max_failures(len(hits), claimed)
     assert int((~hits).sum()) <= misses_allowed
+
+
+# --------------------------------------------------------------------------- other families
+#
+# These two go through the node's own path: a DX instance (bit depth,
+# MONOCHROME1/2, VOI window), the pipeline's ``presentation`` and the
+# runner's ``classify`` (letterbox, normalisation, inference, threshold).
+
+@pytest.fixture(scope="module")
+def node_model():
+    return ModelRegistry(load_config().models_dir).get("cxr_triage")
+
+
+def _scores(datasets: list, model) -> np.ndarray:
+    return np.array([classify(presentation(ds), model).score for ds in datasets])
+
+
+@pytest.fixture(scope="module")
+def varied(node_model) -> dict[str, np.ndarray]:
+    """Fresh training-family set: (mostly) domain-randomised phantom written as DX."""
+    datasets, labels = [], []
+    for i in range(N_VARIED):
+        rng = np.random.default_rng([VARIED_SEED, i])
+        finding = None if i % 2 == 0 else FINDINGS[(i // 2) % len(FINDINGS)]
+        severity = SEVERITIES[(i // 10) % 2] if finding else None
+        rows = int(rng.integers(256, 481))
+        # As in the recipe: a fifth of the family is the narrow default phantom.
+        make = make_radiograph if rng.random() < 0.2 else make_varied_radiograph
+        rad = make(rng, finding, (rows, int(rows * rng.uniform(0.8, 1.0))), severity)
+        datasets.append(dx_image(rad.image, seed=f"varied-{i}", bits=int(rng.choice([12, 16])),
+                                 monochrome1=bool(i % 3 == 0)))
+        labels.append(rad.abnormal)
+    return {"scores": _scores(datasets, node_model), "labels": np.array(labels)}
+
+
+@pytest.fixture(scope="module")
+def independent_set(node_model) -> dict[str, np.ndarray]:
+    """Fresh independent-family set: half normal, half cycling its findings."""
+    datasets, labels, findings = [], [], []
+    for i in range(N_INDEPENDENT):
+        finding = (None if i % 2 == 0
+                   else independent_cxr.FINDINGS[(i // 2) % len(independent_cxr.FINDINGS)])
+        rad = independent_cxr.make_independent_radiograph(
+            np.random.default_rng([INDEPENDENT_SEED, i]), finding)
+        datasets.append(rad.dataset(f"independent-{i}"))
+        labels.append(rad.abnormal)
+        findings.append(finding or "normal")
+    return {"scores": _scores(datasets, node_model), "labels": np.array(labels),
+            "findings": np.array(findings)}
+
+
+def _operating_point(scores: np.ndarray, labels: np.ndarray,
+                     threshold: float) -> tuple[int, int, int, int]:
+    """(abnormal missed, abnormal, normals flagged, normal) at the threshold."""
+    pred = scores >= threshold
+    return (int((~pred[labels]).sum()), int(labels.sum()),
+            int(pred[~labels].sum()), int((~labels).sum()))
+
+
+def test_manifest_reports_both_families(manifest: ModelManifest) -> None:
+    q = manifest.quality
+    for key in ("auc", "sensitivity", "specificity"):
+        assert 0.0 <= float(q[key]) <= 1.0
+        assert 0.0 <= float(q["independent"][key]) <= 1.0
+        assert 0.0 <= float(q["default_phantom"][key]) <= 1.0
+    assert set(q["independent"]["per_finding_sensitivity"]) == set(independent_cxr.FINDINGS)
+    assert q["independent"]["targets"] == {"sensitivity": TARGET_SENSITIVITY,
+                                           "specificity": TARGET_SPECIFICITY}
+    assert "make_varied_radiograph" in manifest.training["data"]
+
+
+def test_training_family_fresh_set_matches_manifest(manifest: ModelManifest,
+                                                    varied: dict) -> None:
+    scores, labels = varied["scores"], varied["labels"]
+    claimed = float(manifest.quality["auc"])
+    got = _auc(scores, labels)
+    tol = 3.3 * _auc_se(claimed, int(labels.sum()), int((~labels).sum()))
+    assert got >= claimed - tol, f"AUC {got:.3f} < {claimed:.3f} - {tol:.3f}"
+    missed, n_abn, flagged, n_nor = _operating_point(
+        scores, labels, manifest.classification.probability_threshold)
+    expected = min(float(manifest.quality["sensitivity"]), TARGET_SENSITIVITY)
+    assert missed <= _max_failures(n_abn, expected), f"{missed}/{n_abn} abnormal missed"
+    allowed = _max_failures(n_nor, float(manifest.quality["specificity"]))
+    assert flagged <= allowed, f"{flagged}/{n_nor} normals flagged, allowed {allowed}"
+
+
+def test_independent_family_matches_manifest(manifest: ModelManifest,
+                                             independent_set: dict) -> None:
+    """The manifest's own independent-family figures hold on a fresh set.
+
+    Same binomial rule as above: with n images a model exactly as good as
+    claimed exceeds the allowed misses (or false alarms) with probability
+    < 0.01; AUC within 3.3 Hanley-McNeil standard errors.
+    """
+    scores, labels = independent_set["scores"], independent_set["labels"]
+    missed, n_abn, flagged, n_nor = _operating_point(
+        scores, labels, manifest.classification.probability_threshold)
+    claims = manifest.quality["independent"]
+    allowed = _max_failures(n_abn, min(TARGET_SENSITIVITY, float(claims["sensitivity"])))
+    assert missed <= allowed, (
+        f"independent family: {missed}/{n_abn} abnormal missed, allowed {allowed}; "
+        "by finding: " + str({f: int((scores[independent_set["findings"] == f]
+                                      < manifest.classification.probability_threshold).sum())
+                              for f in independent_cxr.FINDINGS}))
+    allowed = _max_failures(n_nor, float(claims["specificity"]))
+    assert flagged <= allowed, f"independent family: {flagged}/{n_nor} normals flagged"
+    claimed_auc = float(claims["auc"])
+    tol = 3.3 * _auc_se(claimed_auc, n_abn, n_nor)
+    assert _auc(scores, labels) >= claimed_auc - tol
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 17 target NOT met by the shipped model (sha256 b3f55150...): on the independent "
+    "family it flags every normal at its threshold (specificity 0.0 on the recipe's 600 "
+    "and on this set; sensitivity 1.0, AUC 0.75). Strict: a model that meets the target "
+    "makes this XPASS and fail, so the marker must then be removed."))
+def test_independent_family_meets_issue_targets(manifest: ModelManifest,
+                                                independent_set: dict) -> None:
+    """Issue 17: sensitivity >= 99 % and specificity >= 60 % at the threshold.
+
+    On 80 abnormal images a model at exactly 99 % misses more than 3 with
+    probability < 0.01, so 4 misses fail; on 80 normals one at exactly 60 %
+    flags more than 42 with probability < 0.01.
+    """
+    scores, labels = independent_set["scores"], independent_set["labels"]
+    missed, n_abn, flagged, n_nor = _operating_point(
+        scores, labels, manifest.classification.probability_threshold)
+    assert missed <= _max_failures(n_abn, TARGET_SENSITIVITY), (
+        f"independent family: {missed}/{n_abn} abnormal missed")
+    allowed = _max_failures(n_nor, TARGET_SPECIFICITY)
+    assert flagged <= allowed, (f"independent family: {flagged}/{n_nor} normals flagged, "
+                                f"allowed {allowed} at specificity {TARGET_SPECIFICITY}")
 
 
 # --------------------------------------------------------------------------- phantom
@@ -270,3 +426,65 @@ def test_cardiomegaly_ctr_above_half_normal_below() -> None:
         assert measure_ctr(normal.lungs, normal.heart) < 0.5
         assert measure_ctr(enlarged.lungs, enlarged.heart) > 0.5
         assert abs(measure_ctr(enlarged.lungs, enlarged.heart) - enlarged.ctr) < 0.03
+
+
+def test_varied_phantom_is_deterministic_and_labelled() -> None:
+    for i, finding in enumerate([None, *FINDINGS]):
+        a = make_varied_radiograph(np.random.default_rng([21, i]), finding, (280, 240))
+        b = make_varied_radiograph(np.random.default_rng([21, i]), finding, (280, 240))
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+        assert a.image.shape == (280, 240) and 0.0 <= a.image.min() <= a.image.max() <= 1.0
+        assert a.mask.any() == (finding is not None)
+        if finding == "cardiomegaly":
+            assert VARIED_CARDIOMEGALY_CTR_RANGE["subtle"][0] <= a.ctr
+        elif finding is None:
+            assert VARIED_NORMAL_CTR_RANGE[0] <= a.ctr <= VARIED_NORMAL_CTR_RANGE[1] < 0.5
+
+
+# --------------------------------------------------------------------------- independent phantom
+
+def test_independent_phantom_imports_nothing_from_the_training_generator() -> None:
+    tree = ast.parse(Path(independent_cxr.__file__).read_text(encoding="utf-8"))
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names}
+    assert not any("cxr_phantom" in m for m in imported), imported
+    assert independent.__doc__ and "held-out evaluation" in independent.__doc__
+
+
+def test_independent_phantom_is_deterministic() -> None:
+    a = independent_cxr.make_independent_radiograph(np.random.default_rng(7), "mass")
+    b = independent_cxr.make_independent_radiograph(np.random.default_rng(7), "mass")
+    c = independent_cxr.make_independent_radiograph(np.random.default_rng(8), "mass")
+    assert np.array_equal(a.stored, b.stored) and np.array_equal(a.mask, b.mask)
+    assert not np.array_equal(a.mask, c.mask)
+
+
+@pytest.mark.parametrize("finding", [None, *independent_cxr.FINDINGS])
+def test_independent_phantom_truth(finding: str | None) -> None:
+    rad = independent_cxr.make_independent_radiograph(np.random.default_rng([31, 1]), finding)
+    assert rad.stored.dtype == np.uint16 and rad.stored.max() < (1 << rad.bits_stored)
+    assert rad.mask.shape == rad.stored.shape == rad.lungs.shape == rad.heart.shape
+    assert rad.mask.any() == (finding is not None) and rad.abnormal == (finding is not None)
+    ctr = independent_cxr.measure_ctr(rad.lungs, rad.heart)
+    assert ctr == pytest.approx(rad.ctr)
+    if finding == "cardiomegaly":
+        assert ctr > 0.52 and np.array_equal(rad.mask, rad.heart & rad.mask)
+    else:
+        assert ctr < 0.48
+    if finding in ("effusion", "mass", "consolidation", "pneumothorax"):
+        # Lung findings lie in the lungs as drawn before the finding.
+        assert (rad.mask & rad.lungs).sum() >= 0.9 * rad.mask.sum()
+        assert rad.size_mm > 0
+
+
+def test_independent_phantom_presents_dense_as_bright_in_both_photometrics() -> None:
+    seen = set()
+    for i in range(8):
+        rad = independent_cxr.make_independent_radiograph(np.random.default_rng([41, i]), None)
+        image = presentation(rad.dataset(str(i)))
+        seen.add(rad.photometric)
+        # After the node's presentation the heart is brighter than the lungs.
+        lungs_only = rad.lungs & ~rad.heart
+        assert image[rad.heart].mean() > image[lungs_only].mean() + 0.1, rad.photometric
+    assert seen == {"MONOCHROME1", "MONOCHROME2"}

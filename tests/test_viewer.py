@@ -26,6 +26,7 @@ from helpers import (
     wait_for,
     write_ct_series,
     write_datasets,
+    model_label,
 )
 from pydicom import dcmread
 from viewer import (
@@ -40,6 +41,10 @@ from viewer import (
 from dicom_node_synthetic import cardiac_phantom, cxr_phantom
 from dicom_node_synthetic.dicom_dx import dx_image
 from dicom_node_synthetic.dicom_mr import cine_series
+
+CARDIAC_MODEL = model_label("cardiac_seg")
+CT_MODEL = model_label("ct_denoise")
+CXR_MODEL = model_label("cxr_triage")
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SAVE_DOCS = os.environ.get("VIEWER_SCREENSHOTS_TO_DOCS") == "1"
@@ -270,14 +275,14 @@ def _node_outputs(work: Path, modality: str) -> list:
 def test_cine_study_lists_every_result_series(cardiac_seg):
     assert cardiac_seg["series"][0] == "MR SA cine (synthetic)"
     assert sorted(cardiac_seg["series"]) == [
-        "MR SA cine (synthetic)", "OT AI cardiac summary cardiac_seg 1.0.0",
-        "SEG AI cardiac SEG ED cardiac_seg 1.0.0", "SEG AI cardiac SEG ES cardiac_seg 1.0.0",
-        "SR AI cardiac function cardiac_seg 1.0.0"]
+        "MR SA cine (synthetic)", f"OT AI cardiac summary {CARDIAC_MODEL}",
+        f"SEG AI cardiac SEG ED {CARDIAC_MODEL}", f"SEG AI cardiac SEG ES {CARDIAC_MODEL}",
+        f"SR AI cardiac function {CARDIAC_MODEL}"]
 
 
 def test_seg_segments_are_listed_by_name_and_decoded_onto_the_cine(cardiac_seg):
     panel = cardiac_seg["panel"]
-    assert "AI cardiac SEG ES cardiac_seg 1.0.0" in panel
+    assert f"AI cardiac SEG ES {CARDIAC_MODEL}" in panel
     positions = [panel.index(name) for name in SEGMENTS]
     assert positions == sorted(positions), panel
     state = cardiac_seg["state"]
@@ -407,8 +412,8 @@ def test_ct_denoised_series_loads(ohif, pacs):
     # while it is still loading sometimes leaves OHIF's camera at a dot).
     denoised = _node_outputs(pacs[2], "CT")[0].SeriesInstanceUID
     series = ohif.open(pacs[1]["ct"], initial_series=denoised)
-    assert series == ["CT Cardiac CTA low dose (synthetic)", "CT AI denoised ct_denoise 1.0.0",
-                      "SR AI denoising image quality ct_denoise 1.0.0"]
+    assert series == ["CT Cardiac CTA low dose (synthetic)", f"CT AI denoised {CT_MODEL}",
+                      f"SR AI denoising image quality {CT_MODEL}"]
     ohif.b.wait("document.querySelector('[data-cy=viewport-pane]').innerText.includes('AI denoised')", 60,
                 "the denoised series in the viewport")
     ohif.b.wait("(v => v.getImageIds?.().length === 8 && v.getCurrentImageId())"
@@ -468,8 +473,8 @@ def test_ct_sr_roi_measurements_are_listed_with_hu(ct_sr):
 
 def test_cxr_heat_map_capture_loads_in_colour(ohif, pacs):
     series = ohif.open(pacs[1]["cxr"])
-    assert series == ["DX Chest PA (synthetic)", "OT AI CXR triage heat map cxr_triage 1.0.0",
-                      "SR AI CXR triage cxr_triage 1.0.0"]
+    assert series == ["DX Chest PA (synthetic)", f"OT AI CXR triage heat map {CXR_MODEL}",
+                      f"SR AI CXR triage {CXR_MODEL}"]
     before = coloured_fraction(ohif.b.screenshot(), ohif.viewport_box((10, 10, 20, 40)))
     ohif.show("OT AI CXR triage heat map")
     ohif.b.wait("document.querySelector('[data-cy=viewport-pane]').innerText.includes('heat map')", 60,

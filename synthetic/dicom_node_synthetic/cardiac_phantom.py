@@ -20,13 +20,13 @@ numpy + OpenCV only: tests, demos and benches use it at runtime.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 
 
-__all__ = ["CineStudy", "make_cine", "volume_curve"]
+__all__ = ["CineStudy", "make_cine", "make_cine_randomised", "volume_curve"]
 
 # Internal tissue classes of the heart drawing; mapped to labels via _LABEL_OF.
 # Myocardial density (g/ml) for the LV mass, as in the SCMR reporting guideline.
@@ -254,7 +254,46 @@ def make_cine(rng: np.random.Generator, n_slices: int = 10, n_phases: int = 25,
     """
     if n_slices < 2 or n_phases < 2 or size < 64:
         raise ValueError("need n_slices >= 2, n_phases >= 2 and size >= 64")
-    sub = _draw_subject(rng, size)
+    return _render(rng, _draw_subject(rng, size), n_slices, n_phases, size)
+
+
+def make_cine_randomised(rng: np.random.Generator, n_slices: int = 10, n_phases: int = 25,
+                         size: int = 256) -> CineStudy:
+    """Like :func:`make_cine` with the subject drawn from much wider ranges, for training
+    with domain randomisation: wall thickness 4-16 mm, LV radius, eccentricity, RV size and
+    extent, LVEF 20-80 %, apical coverage up to a myocardium-only apical cap, every tissue
+    intensity (blood/myocardium contrast from about 1.3 to 10), noise and coil shading.
+    :func:`make_cine` itself is unchanged (same seed, same study)."""
+    if n_slices < 2 or n_phases < 2 or size < 64:
+        raise ValueError("need n_slices >= 2, n_phases >= 2 and size >= 64")
+    return _render(rng, _widen(rng, _draw_subject(rng, size)), n_slices, n_phases, size)
+
+
+def _widen(rng: np.random.Generator, sub: _Subject) -> _Subject:
+    mm = 1.0 / sub.px
+    blood = float(rng.uniform(300, 1000))
+    myo = blood / float(rng.uniform(1.3, 10.0))
+    intens = {
+        "lv": blood, "rv": blood * rng.uniform(0.8, 1.1), "myo": myo,
+        "muscle": myo * rng.uniform(0.6, 1.6), "fat": rng.uniform(0.3, 1.8) * blood,
+        "lung": rng.uniform(0.0, 0.15) * blood, "liver": myo * rng.uniform(0.8, 2.0),
+        "aorta": blood * rng.uniform(0.6, 1.1), "soft": myo * rng.uniform(0.7, 2.0),
+    }
+    lvef = rng.uniform(0.20, 0.80)
+    rvef = float(np.clip(lvef + rng.uniform(-0.15, 0.15), 0.2, 0.8))
+    return replace(
+        sub, r_endo=float(rng.uniform(15, 35) * mm), wall=float(rng.uniform(4, 16) * mm),
+        ecc=float(rng.uniform(0.0, 0.22)), taper=float(rng.uniform(0.8, 1.12)),
+        rv_extent=float(rng.uniform(0.45, 0.95)), rv_size=float(rng.uniform(0.65, 1.45)),
+        rv_dir=float(sub.rv_dir + rng.uniform(-0.4, 0.4)),
+        lv_es_frac=float(1.0 - lvef), rv_es_frac=float(1.0 - rvef),
+        t_es=float(rng.uniform(0.25, 0.45)), intens=intens,
+        noise=float(rng.uniform(0.01, 0.12)), gain=float(rng.uniform(0.3, 3.0)),
+    )
+
+
+def _render(rng: np.random.Generator, sub: _Subject, n_slices: int, n_phases: int,
+            size: int) -> CineStudy:
     scene = _Scene(size, sub.angle)
     f_lv = volume_curve(n_phases, sub.lv_es_frac, sub.t_es)
     f_rv = volume_curve(n_phases, sub.rv_es_frac, sub.t_es)

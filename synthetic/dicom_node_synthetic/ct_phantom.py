@@ -35,6 +35,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_I0",
+    "KERNELS",
     "MU_WATER_PER_MM",
     "CtSlice",
     "CtVolume",
@@ -45,6 +46,7 @@ __all__ = [
     "make_slice",
     "make_volume",
     "mu_to_hu",
+    "render_anatomy",
 ]
 
 # Linear attenuation of water at an effective energy of ~70 keV (1/mm).
@@ -382,8 +384,28 @@ def forward_project(mu: np.ndarray, pixel_mm: float, n_views: int = DEFAULT_VIEW
     return sino * pixel_mm
 
 
-def _ramp_filter(n_det: int) -> np.ndarray:
-    """Frequency response of the Ram-Lak ramp with a Hann window, padded length.
+# Reconstruction kernels (opt-in; ``hann`` is the default everywhere): the
+# window on the ramp as a function of frequency in cycles per sample
+# (Nyquist 0.5).  ``ramlak`` is the sharpest, ``smooth`` a Gaussian roll-off.
+KERNELS = ("hann", "hamming", "shepp-logan", "ramlak", "smooth")
+
+
+def _window(kernel: str, freq: np.ndarray) -> np.ndarray:
+    if kernel == "hann":
+        return 0.5 * (1 + np.cos(2 * math.pi * freq))
+    if kernel == "hamming":
+        return 0.54 + 0.46 * np.cos(2 * math.pi * freq)
+    if kernel == "shepp-logan":
+        return np.sinc(freq)
+    if kernel == "ramlak":
+        return np.ones_like(freq)
+    if kernel == "smooth":
+        return np.exp(-0.5 * (freq / 0.2) ** 2)
+    raise ValueError(f"unknown reconstruction kernel {kernel!r}; expected one of {KERNELS}")
+
+
+def _ramp_filter(n_det: int, kernel: str = "hann") -> np.ndarray:
+    """Frequency response of the Ram-Lak ramp with a window, padded length.
 
     The ramp is built from its exact spatial-domain samples (Kak & Slaney) so the
     DC term is right and flat regions reconstruct to the correct HU; the Hann
@@ -396,18 +418,18 @@ def _ramp_filter(n_det: int) -> np.ndarray:
     h[1::2] = -1.0 / (math.pi * n) ** 2
     ramp = 2 * np.real(np.fft.fft(h))
     freq = np.fft.fftfreq(n_pad)
-    hann = 0.5 * (1 + np.cos(2 * math.pi * freq))
-    return (ramp * hann).astype(np.float32)
+    return (ramp * _window(kernel, freq)).astype(np.float32)
 
 
-def fbp(sinogram: np.ndarray, pixel_mm: float) -> np.ndarray:
+def fbp(sinogram: np.ndarray, pixel_mm: float, kernel: str = "hann") -> np.ndarray:
     """Filtered back-projection of ``forward_project`` output; returns mu (1/mm).
 
     Back-projection is the adjoint of the paired rotate-and-sum projector, so a
     pair of views is smeared into one image (rows + columns) and rotated back once.
+    ``kernel`` is one of ``KERNELS``.
     """
     n_views, size = sinogram.shape
-    filt = _ramp_filter(size)
+    filt = _ramp_filter(size, kernel)
     padded = np.zeros((n_views, len(filt)), np.float32)
     padded[:, :size] = sinogram
     q = np.real(np.fft.ifft(np.fft.fft(padded, axis=1) * filt, axis=1))[:, :size].astype(np.float32)
@@ -450,6 +472,15 @@ def make_slice(rng: np.random.Generator, size: int = 512, pixel_mm: float = 0.7,
     cv = _render(an, 0.0, size, pixel_mm)
     full, low = _simulate(cv.hu, pixel_mm, i0, n_views, rng)
     return CtSlice(full, low, cv.labels, pixel_mm, float(i0))
+
+
+def render_anatomy(rng: np.random.Generator, size: int = 512,
+                   pixel_mm: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """The noiseless HU image and ``Tissue`` labels of one random patient at
+    z = 0, before any projection: for recipes that simulate their own scans
+    (other kernels, doses or noise models) from this anatomy."""
+    cv = _render(_draw_anatomy(rng), 0.0, size, pixel_mm)
+    return cv.hu, cv.labels
 
 
 def make_volume(rng: np.random.Generator, n_slices: int, size: int = 512,

@@ -32,6 +32,10 @@ Abnormalities (``FINDINGS``), each "subtle" or "obvious":
 * ``cardiomegaly``  - cardiothoracic ratio (CTR) > 0.5; normal hearts are
   drawn with CTR < 0.5.
 
+``make_varied_radiograph`` is the domain-randomised variant the triage
+model trains on (see its section at the end); ``make_radiograph`` is the
+narrow default the pipeline tests use.
+
 Only numpy and OpenCV are used: this module runs inside tests and the demo,
 where torch, scipy and scikit-image are not installed.
 """
@@ -49,9 +53,12 @@ __all__ = [
     "FINDINGS",
     "NORMAL_CTR_RANGE",
     "SEVERITIES",
+    "VARIED_CARDIOMEGALY_CTR_RANGE",
+    "VARIED_NORMAL_CTR_RANGE",
     "Radiograph",
     "draw_finding",
     "make_radiograph",
+    "make_varied_radiograph",
     "measure_ctr",
 ]
 
@@ -435,9 +442,11 @@ def _pick_point(rng: np.random.Generator, a: _Anatomy, k: int, r: float,
 
 def _nodule(rng: np.random.Generator, frame: _Frame, a: _Anatomy, k: int,
             severity: str | None, lung_soft: list[np.ndarray],
-            heart_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            heart_t: np.ndarray, wide: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A round opacity; obvious ones are larger, denser and lobulated (masses)."""
-    if severity == "subtle":
+    if wide:
+        r, contrast = _wide_draw(rng, "nodule", severity)
+    elif severity == "subtle":
         r, contrast = rng.uniform(0.018, 0.028), rng.uniform(0.10, 0.15)
     else:
         r, contrast = rng.uniform(0.04, 0.075), rng.uniform(0.18, 0.28)
@@ -454,9 +463,12 @@ def _nodule(rng: np.random.Generator, frame: _Frame, a: _Anatomy, k: int,
 
 def _consolidation(rng: np.random.Generator, frame: _Frame, a: _Anatomy, k: int,
                    severity: str | None, lung_soft: list[np.ndarray],
-                   heart_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                   heart_t: np.ndarray, wide: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Patchy air-space opacity: a cluster of soft blobs clipped to one lung."""
-    if severity == "subtle":
+    if wide:
+        extent, contrast = _wide_draw(rng, "consolidation", severity)
+        blobs = 4 if severity == "subtle" else 8
+    elif severity == "subtle":
         extent, contrast, blobs = rng.uniform(0.04, 0.06), rng.uniform(0.09, 0.13), 4
     else:
         extent, contrast, blobs = rng.uniform(0.08, 0.13), rng.uniform(0.17, 0.26), 8
@@ -475,13 +487,17 @@ def _consolidation(rng: np.random.Generator, frame: _Frame, a: _Anatomy, k: int,
 
 
 def _effusion(rng: np.random.Generator, frame: _Frame, a: _Anatomy, k: int,
-              severity: str | None, lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+              severity: str | None, lung: np.ndarray,
+              wide: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Fluid at the base of lung k; returns (remaining aeration, fluid mask).
 
     The fluid surface is a meniscus: lowest medially, climbing along the
     lateral chest wall, and the fluid replaces the air below it.
     """
-    height = rng.uniform(0.05, 0.08) if severity == "subtle" else rng.uniform(0.16, 0.30)
+    if wide:
+        height = _wide_draw(rng, "effusion", severity)[0]
+    else:
+        height = rng.uniform(0.05, 0.08) if severity == "subtle" else rng.uniform(0.16, 0.30)
     u = _side_u(frame.X, k)
     rel = np.clip((u - a.medial) / (a.u_max[k] - a.medial), 0.0, 1.0)
     level = a.cp_y[k] + 0.02 - height * (0.35 + 0.65 * rel ** 2)
@@ -492,7 +508,7 @@ def _effusion(rng: np.random.Generator, frame: _Frame, a: _Anatomy, k: int,
 
 
 def _pneumothorax(rng: np.random.Generator, frame: _Frame, a: _Anatomy, k: int,
-                  severity: str | None, lung: np.ndarray
+                  severity: str | None, lung: np.ndarray, wide: bool = False
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lung k collapsed towards its hilum; returns (extra density, markings, mask).
 
@@ -500,7 +516,10 @@ def _pneumothorax(rng: np.random.Generator, frame: _Frame, a: _Anatomy, k: int,
     little more lucency; the collapsed lung is denser and is outlined by the
     thin visceral pleural line.
     """
-    f = rng.uniform(0.80, 0.87) if severity == "subtle" else rng.uniform(0.50, 0.70)
+    if wide:
+        f = _wide_draw(rng, "pneumothorax", severity)[0]
+    else:
+        f = rng.uniform(0.80, 0.87) if severity == "subtle" else rng.uniform(0.50, 0.70)
     hu, hy = a.hilum[0] + 0.02, a.hilum[1]
     u = _side_u(frame.X, k)
     collapsed = _lung_soft(hu + (u - hu) / f, hy + (frame.Y - hy) / f, a, k)
@@ -540,3 +559,314 @@ def _expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
     noise_sd = rng.uniform(0.006, 0.018)
     img = img + noise_sd * rng.standard_normal((rows, cols), dtype=np.float32)
     return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- domain randomisation
+#
+# ``make_varied_radiograph`` draws from a much wider family than
+# ``make_radiograph`` (whose output stays exactly as it was, for the tests
+# that rely on it): habitus, lung shape, heart, bone rendering, exposure and
+# tone curve, detector noise, collimation, side markers, positioning and the
+# size and contrast of each finding are all randomised, so that a model
+# trained on it has to learn the findings rather than one rendering.
+
+# (low, high) of each value the finding functions draw in "wide" mode, per
+# severity; they contain the default ranges and reach smaller, larger and a
+# little fainter (not so faint that the 99 % sensitivity operating point,
+# chosen on this family, is set by findings nobody could see).
+_WIDE_RANGES: dict[str, dict[str, tuple[tuple[float, float], ...]]] = {
+    "nodule": {"subtle": ((0.016, 0.032), (0.09, 0.16)),
+               "obvious": ((0.032, 0.10), (0.14, 0.32))},
+    "consolidation": {"subtle": ((0.035, 0.07), (0.08, 0.14)),
+                      "obvious": ((0.07, 0.18), (0.14, 0.30))},
+    "effusion": {"subtle": ((0.04, 0.10),), "obvious": ((0.10, 0.38),)},
+    "pneumothorax": {"subtle": ((0.78, 0.88),), "obvious": ((0.40, 0.78),)},
+}
+VARIED_NORMAL_CTR_RANGE: tuple[float, float] = (0.34, 0.47)
+VARIED_CARDIOMEGALY_CTR_RANGE: dict[str, tuple[float, float]] = {
+    "subtle": (0.53, 0.58), "obvious": (0.58, 0.72)}
+
+
+def _wide_draw(rng: np.random.Generator, finding: str,
+               severity: str | None) -> tuple[float, ...]:
+    return tuple(float(rng.uniform(*r)) for r in _WIDE_RANGES[finding][severity or "obvious"])
+
+
+def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
+                           size: tuple[int, int] = (256, 256),
+                           severity: str | None = None) -> Radiograph:
+    """A domain-randomised radiograph (same arguments and truth as ``make_radiograph``).
+
+    The image is presentation-ready ([0, 1], bright = dense); stored bit
+    depth, MONOCHROME1/2 and the VOI window are left to the DICOM writer.
+    """
+    if finding is not None and finding not in FINDINGS:
+        raise ValueError(f"unknown finding {finding!r}; expected one of {FINDINGS}")
+    if severity is not None and severity not in SEVERITIES:
+        raise ValueError(f"unknown severity {severity!r}; expected one of {SEVERITIES}")
+    rows, cols = int(size[0]), int(size[1])
+    if rows < 32 or cols < 32:
+        raise ValueError(f"size {size} too small")
+    if finding is None:
+        severity = None
+    elif severity is None:
+        severity = SEVERITIES[int(rng.integers(2))]
+
+    scale = min(rows / 1.02, cols / 0.98) * rng.uniform(0.70, 1.08)
+    frame = _Frame(rows, cols, scale, rng.normal(0.0, 4.0),
+                   (rng.uniform(-0.08, 0.08), rng.uniform(-0.12, 0.08)))
+    anat = _draw_anatomy_varied(rng, finding, severity)
+    side_idx = int(rng.integers(2))
+    side = ("right", "left")[side_idx] if finding not in (None, "cardiomegaly") else None
+
+    X, Y = frame.X, frame.Y
+    lung_soft = [_lung_soft(_side_u(X, k), Y, anat, k) for k in (0, 1)]
+    heart_t = _heart_profile(X, Y, anat)
+    knob = np.clip(2.0 * _disc_profile(X, Y, anat.medial - 0.012, -0.16,
+                                       rng.uniform(0.03, 0.05)), 0.0, 1.0)
+    density = _body_varied(rng, X, Y, anat)
+    density += rng.uniform(0.6, 1.6) * _spine(X, Y)
+    density += _BODY * rng.uniform(0.0, 0.12) * heart_t
+
+    air_scale = [np.ones_like(X), np.ones_like(X)]
+    marking_keep = [np.ones_like(X), np.ones_like(X)]
+    extra = np.zeros_like(X)
+    mask = np.zeros((rows, cols), dtype=bool)
+    if finding == "nodule":
+        extra, mask = _nodule(rng, frame, anat, side_idx, severity, lung_soft, heart_t,
+                              wide=True)
+    elif finding == "consolidation":
+        extra, mask = _consolidation(rng, frame, anat, side_idx, severity, lung_soft,
+                                     heart_t, wide=True)
+    elif finding == "effusion":
+        air_scale[side_idx], mask = _effusion(rng, frame, anat, side_idx, severity,
+                                              lung_soft[side_idx], wide=True)
+        marking_keep[side_idx] = air_scale[side_idx]
+    elif finding == "pneumothorax":
+        extra, marking_keep[side_idx], mask = _pneumothorax(
+            rng, frame, anat, side_idx, severity, lung_soft[side_idx], wide=True)
+    elif finding == "cardiomegaly":
+        mask = heart_t > 0.0
+
+    displaced = 1.0 - rng.uniform(0.80, 0.97) * np.maximum(heart_t, knob)
+    lungs_air = sum(lung_soft[k] * air_scale[k] for k in (0, 1)) * displaced
+    density -= _LUNG_AIR * rng.uniform(0.65, 1.3) * lungs_air
+    density += _trachea(X, Y) * rng.uniform(0.3, 1.3)
+    density += extra
+
+    lung_texture = _smooth_noise(rng, rows, cols, cells=int(rng.integers(16, 40)))
+    lung_texture *= rng.uniform(0.005, 0.03)
+    markings = rng.uniform(0.4, 1.8) * _vessels(rng, frame, anat)
+    for k in (0, 1):
+        vis = lung_soft[k] * marking_keep[k] * displaced
+        density += vis * (markings + lung_texture)
+        density += vis * rng.uniform(0.0, 0.07) * _disc_profile(
+            _side_u(X, k), Y, anat.hilum[0] - 0.02, anat.hilum[1], 0.06)
+    density += _ribs_varied(rng, frame, anat)
+    density += rng.uniform(0.4, 1.8) * _clavicles(rng, frame)
+    density += _smooth_noise(rng, rows, cols, cells=int(rng.integers(3, 8))) \
+        * rng.uniform(0.0, 0.05)
+
+    image = _expose_varied(rng, density)
+    lungs = (lung_soft[0] > 0.5) | (lung_soft[1] > 0.5)
+    heart = heart_t > 0.0
+    image, mask, lungs, heart = _warp(rng, image, mask, lungs, heart)
+    image, field = _collimate(rng, image)
+    _side_markers(rng, image)
+    ctr = (anat.heart_r + anat.heart_l) / (anat.u_max[0] + anat.u_max[1])
+    return Radiograph(image=image, finding=finding, severity=severity, side=side,
+                      mask=mask & field, lungs=lungs, heart=heart, ctr=float(ctr))
+
+
+def _draw_anatomy_varied(rng: np.random.Generator, finding: str | None,
+                         severity: str | None) -> _Anatomy:
+    u_r = rng.uniform(0.31, 0.43)
+    u_l = u_r * rng.uniform(0.94, 1.06)
+    dome_l = rng.uniform(0.10, 0.22)
+    dome_r = dome_l - rng.uniform(-0.01, 0.06)
+    thorax = u_r + u_l
+    if finding == "cardiomegaly":
+        ctr = rng.uniform(*VARIED_CARDIOMEGALY_CTR_RANGE[severity or "obvious"])
+    else:
+        ctr = rng.uniform(*VARIED_NORMAL_CTR_RANGE)
+    width = ctr * thorax
+    heart_x = rng.uniform(0.0, 0.045)
+    heart_r = rng.uniform(0.25, 0.40) * width + heart_x
+    return _Anatomy(
+        apex=rng.uniform(-0.46, -0.36), apex_u=rng.uniform(0.09, 0.16),
+        u_max=(u_r, u_l),
+        cp_y=(dome_r + rng.uniform(0.0, 0.05), dome_l + rng.uniform(0.0, 0.05)),
+        dome=(dome_r, dome_l), dome_u=rng.uniform(0.15, 0.25),
+        dome_curv=rng.uniform(1.2, 3.2), medial=rng.uniform(0.05, 0.08),
+        heart_x=heart_x, heart_y=dome_l - rng.uniform(0.04, 0.09),
+        heart_r=heart_r, heart_l=width - heart_r,
+        heart_h=rng.uniform(0.13, 0.20) * (1.0 + 1.2 * max(0.0, ctr - 0.5)),
+        hilum=(rng.uniform(0.08, 0.13), rng.uniform(-0.10, -0.03)))
+
+
+def _body_varied(rng: np.random.Generator, X: np.ndarray, Y: np.ndarray,
+                 a: _Anatomy) -> np.ndarray:
+    """Habitus: trunk width, shape and fat, a neck, arms, breasts, gastric air."""
+    width = max(a.u_max) + rng.uniform(0.05, 0.24)
+    shoulders = rng.uniform(0.0, 0.10)
+    half_w = width + shoulders * np.clip(-(Y + 0.30) / 0.15, 0.0, 1.0)
+    if rng.random() < 0.5:
+        neck_y = a.apex - rng.uniform(0.02, 0.10)
+        neck = rng.uniform(0.12, 0.22)
+        half_w = np.where(Y < neck_y, neck + (half_w - neck)
+                          * np.clip(1.0 - (neck_y - Y) / 0.06, 0.0, 1.0), half_w)
+    power = rng.uniform(2.5, 5.0)
+    r = (np.abs(X) / half_w) ** power + (np.abs(Y - 0.08) / rng.uniform(0.62, 0.9)) ** power
+    inside = np.clip((1.0 - r) / 0.08, 0.0, 1.0)
+    chord = np.sqrt(np.clip(1.0 - (X / half_w) ** 2, 0.0, 1.0))
+    mix = rng.uniform(0.0, 1.0)
+    out = _BODY * rng.uniform(0.8, 1.25) * inside * ((1.0 - mix) + mix * chord)
+    if rng.random() < 0.4:            # arms hanging beside the trunk
+        gap, arm = rng.uniform(0.0, 0.05), rng.uniform(0.07, 0.13)
+        for sign in (-1.0, 1.0):
+            c = sign * (width + gap + arm)
+            q = np.clip(1.0 - ((X - c) / arm) ** 2, 0.0, 1.0)
+            top = np.clip((Y - a.apex) / 0.05, 0.0, 1.0)
+            out += _BODY * 0.55 * np.sqrt(q) * top
+            bone = np.clip(1.0 - ((X - c) / (0.35 * arm)) ** 2, 0.0, 1.0)
+            out += _BONE_SPINE * 0.6 * np.sqrt(bone) * top
+    if rng.random() < 0.4:            # breast shadows over the lower zones
+        r_b = rng.uniform(0.10, 0.20)
+        amp = rng.uniform(0.02, 0.09)
+        for sign in (-1.0, 1.0):
+            cx, cy = sign * rng.uniform(0.15, 0.25), max(a.dome) - rng.uniform(0.0, 0.08)
+            q = np.clip(1.0 - ((X - cx) / r_b) ** 2 - ((Y - cy) / (0.8 * r_b)) ** 2, 0.0, 1.0)
+            out += amp * np.sqrt(q)
+    if rng.random() < 0.6:            # gastric air bubble under the left dome
+        r_g = rng.uniform(0.03, 0.07)
+        q = np.clip(1.0 - ((X - rng.uniform(0.12, 0.25)) / (1.3 * r_g)) ** 2
+                    - ((Y - a.dome[1] - rng.uniform(0.03, 0.08)) / r_g) ** 2, 0.0, 1.0)
+        out -= rng.uniform(0.04, 0.14) * np.sqrt(q)
+    return out.astype(np.float32)
+
+
+def _ribs_varied(rng: np.random.Generator, frame: _Frame, a: _Anatomy) -> np.ndarray:
+    """Posterior ribs of random count, curve, width and contrast, solid or
+    cortical (a denser shell), and sometimes the fainter anterior ribs."""
+    outer = np.zeros((frame.rows, frame.cols), dtype=np.float32)
+    inner = np.zeros_like(outer)
+    front = np.zeros_like(outer)
+    t = np.linspace(0.0, 1.0, 24, dtype=np.float32)
+    thick = max(1, round(frame.px(rng.uniform(0.012, 0.030))))
+    spacing = rng.uniform(0.055, 0.075)
+    arch, droop = rng.uniform(0.02, 0.08), rng.uniform(0.10, 0.22)
+    n = int(rng.integers(9, 12))
+    cortical = rng.random() < 0.5
+    anterior = rng.random() < 0.6
+    for k in (0, 1):
+        sign = -1.0 if k == 0 else 1.0
+        for i in range(n):
+            y0 = a.apex - 0.01 + i * spacing
+            reach = a.u_max[k] + 0.04
+            u = 0.04 + t * reach
+            yy = y0 - arch * np.sin(np.pi * t * 0.8) + droop * t ** 2
+            pts = np.round(frame.to_px(sign * u, yy) * 16).astype(np.int32)
+            cv2.polylines(outer, [pts], False, 1.0, thick, cv2.LINE_AA, 4)
+            if cortical and thick >= 3:
+                cv2.polylines(inner, [pts], False, 1.0, max(1, thick // 2), cv2.LINE_AA, 4)
+        if anterior:
+            for i in range(6):
+                y0 = a.apex + 0.06 + i * spacing * 1.3
+                u = a.u_max[k] * (1.0 - 0.7 * t)
+                yy = y0 + 0.12 * t ** 1.3
+                pts = np.round(frame.to_px(sign * u, yy) * 16).astype(np.int32)
+                cv2.polylines(front, [pts], False, 1.0, thick, cv2.LINE_AA, 4)
+    sigma = frame.px(rng.uniform(0.002, 0.006))
+    layer = _blur(outer, sigma) - rng.uniform(0.3, 0.7) * _blur(inner, sigma)
+    layer += rng.uniform(0.2, 0.5) * _blur(front, sigma)
+    return rng.uniform(0.4, 1.8) * _BONE_RIB * layer
+
+
+def _expose_varied(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
+    """Detector and processing: quantum noise in transmission (sometimes),
+    edge enhancement, one of several tone curves, white and correlated noise,
+    detector blur and a smooth gain field; clipped to [0, 1]."""
+    rows, cols = density.shape
+    v = density.astype(np.float32)
+    if rng.random() < 0.5:
+        mu = rng.uniform(3.0, 7.0)
+        n0 = float(np.exp(rng.uniform(np.log(500.0), np.log(30000.0))))
+        counts = n0 * np.exp(-mu * np.clip(v, 0.0, None))
+        counts = counts + np.sqrt(counts) * rng.standard_normal((rows, cols), dtype=np.float32)
+        v = -np.log(np.maximum(counts, 0.5) / n0) / mu
+    blur_px = rng.uniform(0.0, 1.2)
+    if blur_px > 0.33:
+        v = cv2.GaussianBlur(v, (0, 0), blur_px)
+    if rng.random() < 0.6:
+        base = cv2.GaussianBlur(v, (0, 0), rng.uniform(0.02, 0.08) * max(rows, cols))
+        v = v + rng.uniform(0.2, 1.5) * (v - base)
+    lo, hi = np.percentile(v, [rng.uniform(0.0, 3.0), rng.uniform(97.0, 100.0)])
+    z = np.clip((v - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
+    curve = int(rng.integers(3))
+    if curve == 0:
+        z = z ** rng.uniform(0.6, 1.6)
+    elif curve == 1:
+        slope, mid = rng.uniform(2.0, 8.0), rng.uniform(0.35, 0.65)
+        s0, s1 = 1 / (1 + np.exp(slope * mid)), 1 / (1 + np.exp(-slope * (1 - mid)))
+        z = (1 / (1 + np.exp(-slope * (z - mid))) - s0) / (s1 - s0)
+    z = z * rng.uniform(0.75, 1.0) + rng.uniform(0.0, 0.15)
+    gain = 1.0 + rng.uniform(0.0, 0.12) * _smooth_noise(rng, rows, cols, cells=3)
+    z = z * gain
+    white = rng.uniform(0.002, 0.03) * rng.standard_normal((rows, cols), dtype=np.float32)
+    if rng.random() < 0.5:
+        white = cv2.GaussianBlur(white, (0, 0), rng.uniform(0.6, 1.5)) * 2.0
+    return np.clip(z + white, 0.0, 1.0).astype(np.float32)
+
+
+def _warp(rng: np.random.Generator, image: np.ndarray, *masks: np.ndarray
+          ) -> tuple[np.ndarray, ...]:
+    """A smooth elastic deformation (lung and body shape) of image and masks."""
+    if rng.random() < 0.3:
+        return (image, *masks)
+    rows, cols = image.shape
+    amp = rng.uniform(0.005, 0.025) * max(rows, cols)
+    dx = amp * _smooth_noise(rng, rows, cols, cells=3)
+    dy = amp * _smooth_noise(rng, rows, cols, cells=3)
+    gx, gy = np.meshgrid(np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32))
+    mx, my = gx + dx, gy + dy
+    out = [cv2.remap(image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)]
+    out += [cv2.remap(m.astype(np.uint8), mx, my, cv2.INTER_NEAREST,
+                      borderMode=cv2.BORDER_CONSTANT) > 0 for m in masks]
+    return tuple(out)
+
+
+def _collimate(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Collimator shadow half the time: a slightly rotated exposed rectangle,
+    outside it unexposed (bright, usually) or blanked by processing (dark)."""
+    rows, cols = image.shape
+    field = np.ones((rows, cols), dtype=bool)
+    if rng.random() < 0.5:
+        return image, field
+    m = rng.uniform(0.0, 0.12, size=4)
+    ang = np.radians(rng.uniform(-3.0, 3.0))
+    r = np.arange(rows, dtype=np.float32)[:, None] - rows / 2
+    c = np.arange(cols, dtype=np.float32)[None, :] - cols / 2
+    u = c * np.cos(ang) + r * np.sin(ang)
+    v = -c * np.sin(ang) + r * np.cos(ang)
+    field = ((u > -cols / 2 * (1 - m[0])) & (u < cols / 2 * (1 - m[1]))
+             & (v > -rows / 2 * (1 - m[2])) & (v < rows / 2 * (1 - m[3])))
+    fill = rng.uniform(0.85, 1.0) if rng.random() < 0.7 else rng.uniform(0.0, 0.1)
+    noise = rng.uniform(0.0, 0.02) * rng.standard_normal((rows, cols), dtype=np.float32)
+    out = np.where(field, image, np.clip(fill + noise, 0.0, 1.0)).astype(np.float32)
+    return out, field
+
+
+def _side_markers(rng: np.random.Generator, image: np.ndarray) -> None:
+    """Lead side markers and burnt-in labels: bright blocks, dark letters."""
+    rows, cols = image.shape
+    for _ in range(int(rng.integers(0, 3))):
+        h = max(6, int(rows * rng.uniform(0.03, 0.06)))
+        w = max(6, int(h * rng.uniform(0.8, 2.5)))
+        r0 = int(rng.integers(0, max(1, rows // 4)))
+        c0 = int(rng.integers(0, max(1, cols - w)))
+        block = np.zeros((h, w), dtype=np.uint8)
+        cv2.putText(block, "RL"[int(rng.integers(2))], (1, h - 2), cv2.FONT_HERSHEY_SIMPLEX,
+                    h / 30.0, 255, max(1, h // 8))
+        patch = image[r0:r0 + h, c0:c0 + w]
+        letter = block[:patch.shape[0], :patch.shape[1]] > 0
+        patch[...] = np.where(letter, rng.uniform(0.0, 0.3), rng.uniform(0.85, 1.0))
