@@ -81,6 +81,21 @@ def test_segmenter_resampled_to_model_spacing_and_back(tmp_path):
     assert (labels[0] == truth).mean() > 0.97
 
 
+def test_resample_coarser_leaves_fine_images_alone_and_brings_coarse_ones_up(tmp_path):
+    install(zoo.intensity_segmenter(LEVELS), tmp_path, "seg", "segmentation",
+            {"kind": "linear", "scale": 1000.0},
+            geometry={"pixel_spacing_mm": [2.0, 2.0], "resample": "coarser"},
+            segmentation={"labels": ACDC_LABELS})
+    model = Recording(_load(tmp_path, "seg"))
+    image, truth = _labels_image()
+    fine = segment(image[None], (1.0, 1.0), model, batch=4)
+    assert model.calls[-1]["input"].shape[2:] == truth.shape, "1 mm is finer than 2 mm: its own grid"
+    coarse = segment(image[None], (4.0, 4.0), model, batch=4)
+    assert model.calls[-1]["input"].shape[2:] == (300, 260), "4 mm brought up to 2 mm, twice the grid"
+    assert fine.shape == coarse.shape == (1, *truth.shape)
+    assert (fine[0] == truth).mean() > 0.97 and (coarse[0] == truth).mean() > 0.97
+
+
 def test_label_map_with_an_undeclared_value_fails_the_call(tmp_path):
     labels = ACDC_LABELS[:2]  # the graph also emits 3
     install(zoo.intensity_segmenter(LEVELS, output="labelmap"), tmp_path, "seg", "segmentation",
@@ -228,6 +243,7 @@ def _manifest(tmp_path: Path, **changes) -> Path:
     ({"segmentation.labels": ACDC_LABELS + [dict(ACDC_LABELS[0], value=4)]},
      r"label value 4 needs 5 output channels"),
     ({"segmentation.output_kind": "heatmap"}, r"segmentation.output_kind"),
+    ({"geometry": {"resample": "coarser"}}, r"geometry.resample: coarser needs geometry.pixel_spacing_mm"),
     ({"inputs": [{"name": "input", "shape": [None, 1, None, None], "layout": "NHWC"}]},
      r"the channel axis must have a fixed size"),
     ({"task": "classification"}, r"task 'classification' needs its section 'classification'"),

@@ -119,6 +119,8 @@ def _texts(ds: Dataset) -> list[str]:
         for item in items:
             if item.get("ValueType") == "CODE":
                 found.append(item.ConceptCodeSequence[0].CodeMeaning)
+            elif item.get("ValueType") == "TEXT":
+                found.append(str(item.TextValue))
             walk(item.get("ContentSequence", []))
 
     walk(ds.ContentSequence)

@@ -171,6 +171,11 @@ class Geometry(_Frozen):
     # (row, column) spacing in mm the model was trained at; images are
     # resampled to it and results back.  None: the image's own spacing.
     pixel_spacing_mm: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = None
+    # ``always``: every image is resampled to pixel_spacing_mm.  ``coarser``:
+    # only images coarser than it are (up to it); finer ones run at their own
+    # spacing, for a model trained over a range of fine spacings that must not
+    # see the coarse pixels it was never trained on.
+    resample: Literal["always", "coarser"] = "always"
 
 
 # -- what the outputs mean ---------------------------------------------------------
@@ -429,6 +434,8 @@ def _geometry_problems(m: ModelManifest) -> list[str]:
                 "sliding_window"]
     if g.fit != "dynamic" and size is None:
         return [f"geometry.fit: {g.fit} needs a fixed input size in inputs.{m.input.name}.shape"]
+    if g.resample != "always" and g.pixel_spacing_mm is None:
+        return [f"geometry.resample: {g.resample} needs geometry.pixel_spacing_mm"]
     if g.fit in ("resize", "letterbox") and g.pixel_spacing_mm is not None:
         return [f"geometry.pixel_spacing_mm: cannot be honoured with fit {g.fit} (the fixed size "
                 "sets the scale); use sliding_window or dynamic"]
