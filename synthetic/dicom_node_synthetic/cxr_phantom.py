@@ -186,17 +186,7 @@ def make_radiograph(rng: np.random.Generator, finding: str | None = None,
     Returns:
         The image with its ground-truth masks and CTR.
     """
-    if finding is not None and finding not in FINDINGS:
-        raise ValueError(f"unknown finding {finding!r}; expected one of {FINDINGS}")
-    if severity is not None and severity not in SEVERITIES:
-        raise ValueError(f"unknown severity {severity!r}; expected one of {SEVERITIES}")
-    rows, cols = int(size[0]), int(size[1])
-    if rows < 32 or cols < 32:
-        raise ValueError(f"size {size} too small")
-    if finding is None:
-        severity = None
-    elif severity is None:
-        severity = SEVERITIES[int(rng.integers(2))]
+    rows, cols, severity = _checked(rng, finding, size, severity)
 
     scale = min(rows / 1.02, cols / 0.98) * rng.uniform(0.90, 1.02)
     frame = _Frame(rows, cols, scale, rng.uniform(-5.0, 5.0),
@@ -592,14 +582,10 @@ def _wide_draw(rng: np.random.Generator, finding: str,
     return tuple(float(rng.uniform(*r)) for r in _WIDE_RANGES[finding][severity or "obvious"])
 
 
-def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
-                           size: tuple[int, int] = (256, 256),
-                           severity: str | None = None) -> Radiograph:
-    """A domain-randomised radiograph (same arguments and truth as ``make_radiograph``).
-
-    The image is presentation-ready ([0, 1], bright = dense); stored bit
-    depth, MONOCHROME1/2 and the VOI window are left to the DICOM writer.
-    """
+def _checked(rng: np.random.Generator, finding: str | None, size: tuple[int, int],
+             severity: str | None) -> tuple[int, int, str | None]:
+    """(rows, cols, severity) after checking the request; a finding without a
+    severity draws one."""
     if finding is not None and finding not in FINDINGS:
         raise ValueError(f"unknown finding {finding!r}; expected one of {FINDINGS}")
     if severity is not None and severity not in SEVERITIES:
@@ -608,9 +594,19 @@ def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
     if rows < 32 or cols < 32:
         raise ValueError(f"size {size} too small")
     if finding is None:
-        severity = None
-    elif severity is None:
-        severity = SEVERITIES[int(rng.integers(2))]
+        return rows, cols, None
+    return rows, cols, severity if severity is not None else SEVERITIES[int(rng.integers(2))]
+
+
+def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
+                           size: tuple[int, int] = (256, 256),
+                           severity: str | None = None) -> Radiograph:
+    """A domain-randomised radiograph (same arguments and truth as ``make_radiograph``).
+
+    The image is presentation-ready ([0, 1], bright = dense); stored bit
+    depth, MONOCHROME1/2 and the VOI window are left to the DICOM writer.
+    """
+    rows, cols, severity = _checked(rng, finding, size, severity)
 
     scale = min(rows / 1.02, cols / 0.98) * rng.uniform(0.70, 1.08)
     frame = _Frame(rows, cols, scale, rng.normal(0.0, 4.0),
