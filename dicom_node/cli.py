@@ -463,19 +463,12 @@ def _release(store: Store, job_id: int) -> int:
 
 def _discard(store: Store, job_id: int) -> int:
     """Delete a held result unsent: rows first, then the files."""
-    items = store.discard_job(job_id)
-    # One file per result object, in as many rows as it had destinations.
-    files = {Path(item.path) for item in items}
-    for path in files:
-        path.unlink(missing_ok=True)
-    for folder in {path.parent for path in files}:
-        try:
-            folder.rmdir()  # outgoing/job-N, when nothing else is in it
-        except OSError:
-            pass
+    from dicom_node.store.retention import remove_result_files
+
+    removed = remove_result_files(store.discard_job(job_id))
     _audit_log().warning("job %d discarded by operator %s; %d result files deleted unsent",
-                         job_id, _operator(), len(files))
-    print(f"job {job_id} discarded: {len(files)} result files deleted, nothing sent")
+                         job_id, _operator(), removed)
+    print(f"job {job_id} discarded: {removed} result files deleted, nothing sent")
     return 0
 
 

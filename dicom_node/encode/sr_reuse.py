@@ -68,7 +68,7 @@ class ReportTemplates:
         template = self._built.get(kind)
         if template is None:
             sr = build()
-            self._built[kind] = _Template(copy.deepcopy(sr), dict(uids))
+            self._built[kind] = _Template(_copy(sr), dict(uids))
             return sr
         renamed = {template.uids[role]: uid for role, uid in uids.items()}
         sr = _copy(template.sr)

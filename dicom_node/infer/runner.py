@@ -115,8 +115,7 @@ def denoise(volume: np.ndarray, spacing: tuple[float, float], model: InferenceMo
     assert spec is not None
     out_spec = manifest.output(spec.output)
     n, h, w = volume.shape
-    size = spacing_size((h, w), spacing, manifest.geometry.pixel_spacing_mm,
-                        only_coarser=manifest.geometry.resample == "coarser")
+    size = spacing_size((h, w), spacing, manifest.geometry)
     source = resample(volume[:, None].astype(np.float32), size)[:, 0]
     k = (manifest.depth or 1) // 2 if manifest.depth else spec.context_slices
     result = np.empty_like(source)
@@ -187,8 +186,7 @@ def segment(images: np.ndarray, spacing: tuple[float, float], model: InferenceMo
     assert s is not None
     out_spec = manifest.output(s.output)
     n, h, w = images.shape
-    size = spacing_size((h, w), spacing, manifest.geometry.pixel_spacing_mm,
-                        only_coarser=manifest.geometry.resample == "coarser")
+    size = spacing_size((h, w), spacing, manifest.geometry)
     labels = np.empty((n, *size), np.uint8)
     step = max(1, manifest.batch_limit(batch))
     for start in range(0, n, step):

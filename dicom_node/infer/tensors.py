@@ -158,13 +158,14 @@ def resample(x: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.
     return out
 
 
-def spacing_size(shape: tuple[int, int], spacing: tuple[float, float],
-                 target: tuple[float, float] | None, *, only_coarser: bool = False) -> tuple[int, int]:
-    """Rows and columns of an image resampled from ``spacing`` to ``target``
-    (with ``only_coarser``, an image no coarser than ``target`` stays as it is)."""
+def spacing_size(shape: tuple[int, int], spacing: tuple[float, float], geometry: Geometry) -> tuple[int, int]:
+    """Rows and columns of an image at ``spacing`` on the model's grid: resampled
+    to ``geometry.pixel_spacing_mm`` (with ``resample: coarser`` only when the
+    image is coarser than it), else as it is."""
+    target = geometry.pixel_spacing_mm
     if target is None:
         return shape
-    if only_coarser and spacing[0] <= target[0] and spacing[1] <= target[1]:
+    if geometry.resample == "coarser" and spacing[0] <= target[0] and spacing[1] <= target[1]:
         return shape
     rows = max(8, int(round(shape[0] * spacing[0] / target[0])))
     cols = max(8, int(round(shape[1] * spacing[1] / target[1])))

@@ -46,6 +46,7 @@ from dicom_node.config import (
 from dicom_node.errors import JobStateError
 from dicom_node.store.db import JobState, OutboxState, Store
 from dicom_node.store.layout import DataDir
+from dicom_node.store.retention import remove_result_files
 
 __all__ = ["Response", "StatusPage"]
 
@@ -312,17 +313,10 @@ class StatusPage:
             items = self.store.discard_job(job_id)
         except JobStateError as exc:
             raise HttpError(409, str(exc)) from exc
-        files = {Path(item.path) for item in items}
-        for path in files:
-            path.unlink(missing_ok=True)
-        for folder in {path.parent for path in files}:
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        removed = remove_result_files(items)
         audit.warning("job %d discarded by operator %s (status page); %d result files deleted unsent",
-                      job_id, who, len(files))
-        return {"ok": True, "message": f"job {job_id} discarded: {len(files)} result files deleted, nothing sent"}
+                      job_id, who, removed)
+        return {"ok": True, "message": f"job {job_id} discarded: {removed} result files deleted, nothing sent"}
 
     def _revive(self, destination: str | None, who: str) -> dict[str, Any]:
         if destination:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicom_node.store.spool import TMP_NAME
+
 if TYPE_CHECKING:
     from dicom_node.config import Config
 
@@ -43,7 +45,7 @@ class DataDir:
     def tmp(self) -> Path:
         """Same file system as the spool and outgoing/, so a rename into
         either is atomic."""
-        return self.spool / ".tmp"
+        return self.spool / TMP_NAME
 
     @property
     def outgoing(self) -> Path:

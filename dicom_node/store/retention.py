@@ -15,13 +15,14 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.store.db import Store
+from dicom_node.store.db import OutboxItem, Store
 from dicom_node.store.layout import DataDir
 
-__all__ = ["RetentionReport", "purge_outgoing", "purge_spool", "run_retention"]
+__all__ = ["RetentionReport", "purge_outgoing", "purge_spool", "remove_result_files", "run_retention"]
 
 log = logging.getLogger("dicom_node.retention")
 
@@ -36,6 +37,21 @@ class RetentionReport:
     instances: int = 0
     result_folders: int = 0
     bytes_freed: int = 0
+
+
+def remove_result_files(items: Iterable[OutboxItem]) -> int:
+    """Delete the files of discarded outbox items (one file per result object,
+    in as many rows as it had destinations), and their outgoing/job-N folder
+    when nothing else is in it.  Returns how many files there were."""
+    files = {Path(item.path) for item in items}
+    for path in files:
+        path.unlink(missing_ok=True)
+    for folder in {path.parent for path in files}:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty, or gone already
+    return len(files)
 
 
 def run_retention(store: Store, data: DataDir, *, spool_days: float, results_days: float,

@@ -61,10 +61,15 @@ def atomic_write(target: Path, data: bytes | memoryview, tmp_dir: Path, *, durab
         fsync_dir(target.parent)
 
 
+# Files being written, inside the spool: on its file system, so a rename into
+# the spool or outgoing/ is atomic.
+TMP_NAME = ".tmp"
+
+
 class Spool:
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = root
-        self.tmp = root / ".tmp"
+        self.tmp = root / TMP_NAME
         self.durable = durable
         self.tmp.mkdir(parents=True, exist_ok=True)
 
