@@ -158,6 +158,10 @@ class Peer(_Frozen):
     may_receive_results: bool = True
     # Associations this peer may hold open with us at once (None: only the node's limit).
     max_associations: int | None = Field(default=None, ge=1)
+    # Associations the outbox opens at once to send results to this peer.
+    # More than one overlaps our work with the peer's (most PACS accept
+    # several); one keeps the order of arrival for peers that need it.
+    send_associations: int = Field(default=1, ge=1, le=8)
     # Send to this peer over TLS (see PeerTlsSettings); plain DICOM when absent.
     tls: PeerTlsSettings | None = None
 

@@ -13,8 +13,8 @@ from helpers import ct_route, dciodvfy_errors, storescu, wait_for, write_ct_seri
 N = 8
 
 
-def _pacs_node(node_factory, orthanc, **route):
-    return node_factory(peers=[orthanc.peer()],
+def _pacs_node(node_factory, orthanc, peer: dict | None = None, **route):
+    return node_factory(peers=[{**orthanc.peer(), **(peer or {})}],
                         destinations=[{"name": "pacs", "kind": "dicom", "peer": "pacs"}],
                         routes=[ct_route(destinations=["pacs"], **route)])
 
@@ -33,7 +33,8 @@ def _sample(text: str, name: str, labels: dict | None = None) -> float:
 
 
 def test_ct_series_round_trip_to_orthanc(node_factory, orthanc, tmp_path):
-    node = _pacs_node(node_factory, orthanc).start()
+    # Results go out on three associations at once (peers[].send_associations).
+    node = _pacs_node(node_factory, orthanc, peer={"send_associations": 3}).start()
     files = write_ct_series(tmp_path / "in", n=N, size=128, seed="e2e")
     storescu(node.port, files)
     instances = _results_in(orthanc)

@@ -9,6 +9,7 @@ import copy
 import socket
 import struct
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -41,7 +42,16 @@ def test_check_names_the_patch_whose_attribute_went_away(monkeypatch):
         self.loop_delay = 0.001
 
     monkeypatch.setattr(dul.DULServiceProvider, "__init__", renamed_init)
-    with pytest.raises(compat.CompatError, match="set_loop_delay"):
+    with pytest.raises(compat.CompatError, match="install_wakeup"):
+        compat.check()
+
+
+def test_check_notices_a_dul_that_no_longer_polls_the_socket(monkeypatch):
+    def reads_blocking(self):  # a release whose DUL blocks on the socket itself
+        return self.socket.recv_blocking()
+
+    monkeypatch.setattr(dul.DULServiceProvider, "_is_transport_event", reads_blocking)
+    with pytest.raises(compat.CompatError, match="install_wakeup"):
         compat.check()
 
 
@@ -63,10 +73,36 @@ def test_shared_contexts_copy_shallowly():
     assert copied._transfer_syntax is cx._transfer_syntax  # ...but the syntax list is shared
 
 
-def test_set_loop_delay_reaches_the_dul():
+def test_install_wakeup_wakes_the_dul_on_data_and_on_our_hand_offs():
     assoc = Association(AE(), "requestor")
-    compat.set_loop_delay(assoc, 0.0002)
-    assert assoc.dul._run_loop_delay == 0.0002
+    ours, theirs = socket.socketpair()
+    try:
+        from pynetdicom.transport import AssociationSocket
+
+        assoc.dul.socket = AssociationSocket(assoc, client_socket=ours)
+        assoc.dul.socket._is_connected = True
+        compat.install_wakeup(assoc, 2.0)
+        assert assoc.dul._run_loop_delay == 0.0
+        start = time.monotonic()
+        assert not assoc.dul.socket.ready  # nothing: waits the whole idle wait
+        assert time.monotonic() - start >= 1.9
+        threading.Timer(0.1, lambda: theirs.sendall(b"x")).start()
+        start = time.monotonic()
+        assert assoc.dul.socket.ready  # the peer's data ends the wait at once
+        assert time.monotonic() - start < 1.0
+        ours.recv(1)
+        threading.Timer(0.1, lambda: assoc.dul.to_provider_queue.put("primitive")).start()
+        start = time.monotonic()
+        assert not assoc.dul.socket.ready  # our hand-off ends it too
+        assert time.monotonic() - start < 1.0
+        assert assoc.dul.to_provider_queue.get(False) == "primitive"
+        threading.Timer(0.1, assoc.dul.kill_dul).start()
+        start = time.monotonic()
+        assert not assoc.dul.socket.ready
+        assert time.monotonic() - start < 1.0 and assoc.dul._kill_thread
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_install_pdu_reader_replaces_the_transports_recv():

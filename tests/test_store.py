@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from prometheus_client import CollectorRegistry
 
 from dicom_node.complete.completer import Completer
@@ -178,3 +180,93 @@ def test_group_by_study_waits_for_the_whole_study(tmp_path):
     assert completer.run_once(now=106.0) == []  # study not quiet yet
     [job_id] = completer.run_once(now=108.5)
     assert len(store.job(job_id).series_uids) == 2
+
+
+def test_folder_syncs_share_one_fsync_and_cover_every_request(tmp_path, monkeypatch):
+    """Eight threads ask for a folder fsync at once: each returns only after an
+    fsync that started after it asked, and they share far fewer than eight."""
+    import time
+
+    from dicom_node.store import spool as spool_module
+
+    runs: list[tuple[float, float]] = []
+
+    def slow_fsync(path):
+        start = time.monotonic()
+        time.sleep(0.05)
+        runs.append((start, time.monotonic()))
+
+    monkeypatch.setattr(spool_module, "fsync_dir", slow_fsync)
+    syncs = spool_module.FolderSyncs()
+    asked: dict[int, tuple[float, float]] = {}
+    barrier = threading.Barrier(8)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        start = time.monotonic()
+        syncs.sync(tmp_path)
+        asked[i] = (start, time.monotonic())
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(asked) == 8
+    assert len(runs) <= 3, runs
+    for start, end in asked.values():
+        assert any(run_start >= start and run_end <= end for run_start, run_end in runs)
+    assert syncs._folders == {}  # nothing kept once nobody waits
+
+
+def test_folder_sync_failure_reaches_the_caller_and_the_next_one_retries(tmp_path, monkeypatch):
+    from dicom_node.store import spool as spool_module
+
+    calls = []
+
+    def failing_once(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "fsync_dir", failing_once)
+    syncs = spool_module.FolderSyncs()
+    with pytest.raises(OSError):
+        syncs.sync(tmp_path)
+    syncs.sync(tmp_path)
+    assert len(calls) == 2
+
+
+def test_durable_batch_writes_every_file_or_none(tmp_path, monkeypatch):
+    from dicom_node.store import spool as spool_module
+
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    out.mkdir()
+    (out / "0.dcm").write_bytes(b"old")
+    synced: list[str] = []
+    real_fsync = spool_module._fsync_path
+    monkeypatch.setattr(spool_module, "_fsync_path", lambda p: synced.append(p.name) or real_fsync(p))
+    with spool_module.DurableBatch(tmp) as batch:
+        for i in range(6):
+            batch.write(out / f"{i}.dcm", bytes([i]) * 1000)
+        assert not (out / "1.dcm").exists()  # nothing under its final name before the commit
+    assert [(out / f"{i}.dcm").read_bytes() for i in range(6)] == [bytes([i]) * 1000 for i in range(6)]
+    assert len(synced) == 6 and list(tmp.iterdir()) == []
+
+    with pytest.raises(RuntimeError):
+        with spool_module.DurableBatch(tmp) as batch:
+            batch.write(out / "0.dcm", b"new")
+            batch.write(out / "7.dcm", b"new")
+            raise RuntimeError("the pipeline failed half way")
+    assert (out / "0.dcm").read_bytes() == bytes(1000) and not (out / "7.dcm").exists()
+    assert list(tmp.iterdir()) == []
+
+    def broken(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_fsync_path", broken)
+    with pytest.raises(OSError):
+        with spool_module.DurableBatch(tmp) as batch:
+            batch.write(out / "8.dcm", b"x")
+    assert not (out / "8.dcm").exists() and list(tmp.iterdir()) == []

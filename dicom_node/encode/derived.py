@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from dicom_node.encode.provenance import MANUFACTURER, Provenance
 
-__all__ = ["derived_image", "derived_from_frame", "stored_values", "set_pixels"]
+__all__ = ["DerivedSeries", "derived_image", "derived_from_frame", "stored_values", "set_pixels"]
 
 # DCM 110001 "Image Processing" is the closest standard concept for an AI
 # denoiser we found; sites may refine it.
@@ -77,6 +77,91 @@ def derived_image(source: Dataset, values: np.ndarray, prov: Provenance, *, inde
     ds.InstanceCreationTime = ds.ContentTime
     ds.PhotometricInterpretation = source.PhotometricInterpretation
     return set_pixels(ds, stored_values(values, source))
+
+
+# Set by derived_image() whatever the source says: a source varying in these
+# (ContentTime per slice is common) still fits the series template.
+_OVERWRITTEN = frozenset(tag_for_keyword(k) for k in (
+    "SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "DerivationDescription",
+    "ContentDate", "ContentTime", "BurnedInAnnotation", "InstanceCreationDate", "InstanceCreationTime",
+    "SamplesPerPixel", "Rows", "Columns"))
+
+
+class DerivedSeries:
+    """The derived images of one source series, built from a template.
+
+    The first image is built by derived_image(); each later one copies its
+    elements (shallowly: values are shared, and result datasets are only
+    written after encoding, never changed) and takes from its own source
+    only the elements in which that source differs from the first one
+    (position, instance number, rescale...), its UID, reference and pixels.
+    Identical to derived_image() for every image (tests compare the two);
+    a source whose element set differs, or that differs in an element the
+    derived image computes from it (ImageType, photometric interpretation,
+    bits), is built by derived_image() itself.  Copying and validating every
+    element of every slice cost about as much as encoding its pixels.
+    """
+
+    def __init__(self, prov: Provenance, *, series_uid: str, series_number: int,
+                 series_description: str, derivation: str) -> None:
+        self._prov = prov
+        self._series = {"series_uid": series_uid, "series_number": series_number,
+                        "series_description": series_description, "derivation": derivation}
+        self._first: Dataset | None = None
+        self._template: Dataset | None = None
+        self._first_tags: frozenset[Any] = frozenset()
+
+    def image(self, source: Dataset, values: np.ndarray, *, index: int | str) -> Dataset:
+        varying = self._varying(source) if self._template is not None else None
+        if varying is None:
+            ds = derived_image(source, values, self._prov, index=index, **self._series)  # type: ignore[arg-type]
+            if self._template is None:
+                self._first, self._template = source, ds
+                self._first_tags = frozenset(_copied_tags(source))
+            return ds
+        assert self._template is not None
+        ds = Dataset()
+        for elem in self._template.elements():
+            ds[elem.tag] = elem if isinstance(elem, RawDataElement) else copy.copy(elem)
+        for tag in varying:
+            ds[tag] = _element_copy(source.get_item(tag))
+        ds.SOPInstanceUID = self._prov.uid("derived-image", index)
+        ds.SourceImageSequence = Sequence([_reference(source)])
+        return set_pixels(ds, stored_values(values, source))
+
+    def _varying(self, source: Dataset) -> list[Any] | None:
+        """Tags in which ``source`` differs from the first source, or None when
+        the template does not fit it."""
+        first = self._first
+        assert first is not None
+        tags = frozenset(_copied_tags(source))
+        if tags != self._first_tags:
+            return None
+        varying = []
+        for tag in tags:
+            if tag in _OVERWRITTEN or _same(first, source, tag):
+                continue
+            if tag in _COMPUTED_FROM_SOURCE:
+                return None
+            varying.append(tag)
+        return varying
+
+
+_COMPUTED_FROM_SOURCE = frozenset(tag_for_keyword(k) for k in (
+    "ImageType", "PhotometricInterpretation", "BitsAllocated"))
+
+
+def _copied_tags(source: Dataset) -> list[Any]:
+    return [tag for tag in source.keys()
+            if not (tag.is_private or tag in _DROP_TAGS or tag.group == 0x0002)]
+
+
+def _same(a: Dataset, b: Dataset, tag: Any) -> bool:
+    ea, eb = a.get_item(tag), b.get_item(tag)
+    if isinstance(ea, RawDataElement) and isinstance(eb, RawDataElement):
+        if ea.VR == eb.VR and ea.value == eb.value:
+            return True
+    return bool(a[tag].value == b[tag].value)
 
 
 def _element_copy(elem: DataElement | RawDataElement) -> DataElement | RawDataElement:

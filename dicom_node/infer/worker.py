@@ -37,7 +37,7 @@ from dicom_node.observability.metrics import Metrics
 from dicom_node.pipelines.base import PipelineInput, check_pair, get_pipeline
 from dicom_node.store.db import Job, JobState, OutboxEntry, Store
 from dicom_node.store.layout import DataDir
-from dicom_node.store.spool import atomic_write, is_valid_uid
+from dicom_node.store.spool import DurableBatch, fsync_dir, is_valid_uid
 
 __all__ = ["Worker", "is_disk_full", "result_dir"]
 
@@ -321,17 +321,22 @@ class Worker:
                                  f"into {frames} frames: {exc}") from None
 
     def _write(self, job_id: int, datasets: list[Dataset]) -> list[Path]:
+        """Every result durable under its final name before the job can be
+        marked done; written as one batch (one fsync round, one folder sync)."""
         folder = self.data.job_results(job_id)
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)  # the job's folder itself must survive a crash
         paths = []
-        for ds in datasets:
-            uid = str(ds.SOPInstanceUID)
-            if not is_valid_uid(uid):
-                raise DicomNodeError(f"job {job_id}: pipeline produced invalid SOP Instance UID {uid!r}")
-            buffer = BytesIO()
-            dcmwrite(buffer, ds, enforce_file_format=True)
-            path = folder / f"{uid}.dcm"
-            atomic_write(path, buffer.getbuffer(), self.tmp)
-            paths.append(path)
+        with DurableBatch(self.tmp) as batch:
+            for ds in datasets:
+                uid = str(ds.SOPInstanceUID)
+                if not is_valid_uid(uid):
+                    raise DicomNodeError(f"job {job_id}: pipeline produced invalid SOP Instance UID {uid!r}")
+                buffer = BytesIO()
+                dcmwrite(buffer, ds, enforce_file_format=True)
+                path = folder / f"{uid}.dcm"
+                batch.write(path, buffer.getbuffer())
+                paths.append(path)
         return paths
 

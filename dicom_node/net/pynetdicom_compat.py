@@ -20,10 +20,12 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import select
 import socket
 import ssl
 import tempfile
 import threading
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +40,7 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
 
-__all__ = ["SUPPORTED", "CompatError", "check", "SharedContexts", "set_loop_delay",
+__all__ = ["SUPPORTED", "CompatError", "check", "SharedContexts", "install_wakeup",
            "install_pdu_reader", "NodeServer", "server_class", "register_server",
            "configure_process", "discard_partial_dataset", "received_write_error"]
 
@@ -79,9 +81,16 @@ def check() -> None:
     _require("SharedContexts", "deepcopy(self.server.contexts)"
              in _source(transport.RequestHandler._create_association),
              "RequestHandler._create_association no longer deep-copies server.contexts")
-    _require("set_loop_delay", "self._run_loop_delay" in _source(dul.DULServiceProvider.__init__)
-             and "time.sleep(self._run_loop_delay)" in _source(dul.DULServiceProvider.run_reactor),
-             "DULServiceProvider._run_loop_delay is gone")
+    reactor = _source(dul.DULServiceProvider.run_reactor)
+    _require("install_wakeup", "self._run_loop_delay" in _source(dul.DULServiceProvider.__init__)
+             and "time.sleep(self._run_loop_delay)" in reactor
+             and "self._is_transport_event()" in reactor
+             and "self.socket.ready" in _source(dul.DULServiceProvider._is_transport_event)
+             and "self.to_provider_queue.put(primitive)" in _source(dul.DULServiceProvider.send_pdu)
+             and "self._kill_thread = True" in _source(dul.DULServiceProvider.kill_dul)
+             and isinstance(vars(transport.AssociationSocket).get("ready"), property)
+             and "def close(self)" in _source(transport.AssociationSocket.close),
+             "the DUL no longer polls socket.ready between naps of _run_loop_delay")
     reader = _source(dul.DULServiceProvider._read_pdu_data)
     _require("install_pdu_reader", "self.socket.recv(6)" in reader
              and "self.socket.recv(pdu_length)" in reader
@@ -131,12 +140,92 @@ class SharedContexts(list[PresentationContext]):
         return [copy.copy(cx) for cx in self]
 
 
-# -- 2. the DUL's idle nap ---------------------------------------------------------
+# -- 2. the DUL's idle wait ---------------------------------------------------------
 
-def set_loop_delay(assoc: Association, delay_s: float) -> None:
-    """How long this association's DUL thread sleeps when idle (private
-    ``DULServiceProvider._run_loop_delay``; pynetdicom has no setting)."""
-    assoc.dul._run_loop_delay = delay_s
+class _WaitingSocket(transport.AssociationSocket):
+    """An AssociationSocket whose ``ready`` waits for data from the peer or a
+    wake-up from our side (up to ``_idle_wait_s``) instead of answering at once.
+
+    pynetdicom's DUL thread polls: it checks for work, and when there is none
+    sleeps ``_run_loop_delay`` (1 ms).  A C-STORE round trip meets several
+    such naps (PDUs trickling in, the response waiting to be sent), which
+    capped one association's rate; shorter naps made idle associations spin.
+    Waiting in select() on the socket and a wake-up socket answers at once
+    and costs nothing while idle.  Relies on ``DULServiceProvider.run_reactor``
+    calling ``_is_transport_event`` (which reads ``socket.ready``) whenever
+    the user queue is empty, and on ``send_pdu`` / ``kill_dul`` being how our
+    side hands the DUL work (checked at import).
+    """
+
+    _wake: socket.socket | None = None
+    _wake_sender: socket.socket | None = None
+    _idle_wait_s = 0.005
+
+    @property
+    def ready(self) -> bool:
+        sock, wake = self.socket, self._wake
+        if sock is None or not self._is_connected or wake is None:
+            time.sleep(self._idle_wait_s)  # nothing to wait on: nap as pynetdicom would
+        elif not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            try:
+                readable, _, _ = select.select([sock, wake], [], [], self._idle_wait_s)
+            except (OSError, ValueError):  # closed under us: pynetdicom's check reports it
+                readable = []
+            if wake in readable:
+                _drain(wake)
+        return bool(super().ready)
+
+    def close(self) -> None:
+        super().close()
+        for end in (self._wake, self._wake_sender):
+            if end is not None:
+                end.close()
+
+
+def _drain(wake: socket.socket) -> None:
+    try:
+        while wake.recv(4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def install_wakeup(assoc: Association, idle_wait_s: float) -> None:
+    """Make this association's DUL thread wait on its socket and on our
+    hand-offs instead of napping (see ``_WaitingSocket``).  ``idle_wait_s``
+    bounds how late it notices anything else (timers, a killed thread)."""
+    provider = assoc.dul
+    transport_socket = provider.socket
+    if transport_socket is None:
+        raise ValueError("association has no transport socket yet")
+    receiver, sender = socket.socketpair()
+    receiver.setblocking(False)
+    sender.setblocking(False)
+
+    def wake() -> None:
+        try:
+            sender.send(b"\0")
+        except OSError:  # full: a wake-up is already pending; closed: it ended
+            pass
+
+    queue = provider.to_provider_queue
+    put, kill = queue.put, provider.kill_dul
+
+    def waking_put(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        wake()
+
+    def waking_kill() -> None:
+        kill()
+        wake()
+
+    # Instance attributes over the methods, on purpose: this association only.
+    queue.put = waking_put  # type: ignore[method-assign]
+    provider.kill_dul = waking_kill  # type: ignore[method-assign]
+    transport_socket.__class__ = _WaitingSocket
+    waiting: _WaitingSocket = transport_socket  # type: ignore[assignment]
+    waiting._wake, waiting._wake_sender, waiting._idle_wait_s = receiver, sender, idle_wait_s
+    provider._run_loop_delay = 0.0
 
 
 # -- 3. the bounded PDU reader -------------------------------------------------------

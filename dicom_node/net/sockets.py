@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["SEND_LOOP_DELAY", "RECEIVE_LOOP_DELAY", "tune_socket"]
+__all__ = ["DUL_IDLE_WAIT_S", "tune_socket"]
 
-# pynetdicom's DUL thread sleeps this long when it finds nothing to do (1 ms
-# by default).  Each C-STORE round trip of a sender hits several such idle
-# checks, so a shorter nap sends measurably faster (bench/send.py); the
-# receiver keeps the default, where many idle associations would spin.
-SEND_LOOP_DELAY = 0.0002
-RECEIVE_LOOP_DELAY = 0.001
+# How long a DUL thread waits in select() for the peer or for us before it
+# looks at its timers (pynetdicom_compat.install_wakeup): data and our own
+# hand-offs wake it at once, so this bounds only timer checks and shutdown.
+DUL_IDLE_WAIT_S = 0.005
 
 
 def tune_socket(sock: socket.socket, timeout_s: float | None) -> None:

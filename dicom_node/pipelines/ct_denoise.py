@@ -18,7 +18,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_node.encode.derived import derived_from_frame, derived_image
+from dicom_node.encode.derived import DerivedSeries, derived_from_frame
 from dicom_node.encode.provenance import Provenance
 from dicom_node.encode.sr import REGION_DESCRIPTION, measurement_report_sr, private_code, with_texts
 from dicom_node.errors import PipelineError, SkipSeries
@@ -121,12 +121,12 @@ def _derived_series(volume: Volume, denoised: np.ndarray, prov: Provenance) -> l
                   f"({prov.manifest.family.meaning}) in dicom-node; not for primary diagnosis "
                   f"unless the site validated this model")
     number = prov.series_number(first, _SERIES_OFFSET["derived"])
+    series = DerivedSeries(prov, series_uid=series_uid, series_number=number,
+                           series_description=description, derivation=derivation)
     out = []
     for i, s in enumerate(volume.slices):
         if s.frame is None:
-            out.append(derived_image(s.dataset, denoised[i], prov, index=str(s.dataset.SOPInstanceUID),
-                                     series_uid=series_uid, series_number=number,
-                                     series_description=description, derivation=derivation))
+            out.append(series.image(s.dataset, denoised[i], index=str(s.dataset.SOPInstanceUID)))
             continue
         # Enhanced CT in: one single-frame CT image per frame out, which every
         # viewer shows, with the frame's own geometry.

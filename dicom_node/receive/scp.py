@@ -28,7 +28,7 @@ from dicom_node.limits import DiskWatermark
 from dicom_node.net import pynetdicom_compat as compat
 from dicom_node.net.pdu import BoundedPduReader, PduLimits, advertised_max_pdu
 from dicom_node.net.refusals import RefusalLog
-from dicom_node.net.sockets import RECEIVE_LOOP_DELAY, tune_socket
+from dicom_node.net.sockets import DUL_IDLE_WAIT_S, tune_socket
 from dicom_node.observability.logs import RepeatLog, escape
 from dicom_node.observability.metrics import Metrics
 from dicom_node.receive.header import BadInstance, Header, InflateBound, read_header
@@ -228,13 +228,13 @@ class Receiver:
         transport = assoc.dul.socket
         if transport is None or transport.socket is None:
             return
-        compat.set_loop_delay(assoc, RECEIVE_LOOP_DELAY)
         tune_socket(transport.socket, self.config.node.network_timeout_s)
         host = _host(event.address)  # type: ignore[attr-defined]  # EVT_CONN_OPEN carries it
         reader = BoundedPduReader(transport.socket, self._limits,
                                   lambda label, reason: self._on_violation(host, label, reason),
                                   lambda: bool(assoc.is_established))
         compat.install_pdu_reader(assoc, reader)
+        compat.install_wakeup(assoc, DUL_IDLE_WAIT_S)
 
     def _on_violation(self, host: str, label: str, reason: str) -> None:
         self.metrics.associations.labels(result=f"aborted_{label}").inc()

@@ -28,7 +28,7 @@ class EchoResult:
 
 def echo_peer(peer: Peer, *, calling_ae: str, timeout_s: float = 10.0) -> EchoResult:
     """One association with a Verification context and one C-ECHO."""
-    from dicom_node.send.scu import _tls_args
+    from dicom_node.send.scu import tls_args
 
     started = time.perf_counter()
 
@@ -41,7 +41,7 @@ def echo_peer(peer: Peer, *, calling_ae: str, timeout_s: float = 10.0) -> EchoRe
     ae.add_requested_context(Verification)
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     try:
-        tls = _tls_args(peer, ClientContexts())
+        tls = tls_args(peer, ClientContexts())
     except SendError as exc:
         return result(False, str(exc))
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)

@@ -27,7 +27,7 @@ from dicom_node.errors import SendError
 from dicom_node.observability.logs import RepeatLog
 from dicom_node.observability.metrics import Metrics
 from dicom_node.send.dicomweb import send_dicomweb
-from dicom_node.send.scu import StoreOutcome, StoreRequest, send_files
+from dicom_node.send.scu import StoreOutcome, StoreRequest, send_files_parallel
 from dicom_node.store.db import OutboxItem, Store
 from dicom_node.security.tls import ClientContexts
 from dicom_node.store.layout import DataDir
@@ -77,8 +77,11 @@ class Dispatcher:
         if not items:
             return False
         groups: dict[tuple[str, str], list[OutboxItem]] = defaultdict(list)
+        callers: dict[int, str] = {}  # one job lookup per job, not per object
         for item in items:
-            groups[(item.destination, self._calling_ae(item))].append(item)
+            if item.job_id not in callers:
+                callers[item.job_id] = self._calling_ae(item)
+            groups[(item.destination, callers[item.job_id])].append(item)
         for (dest_name, calling), batch in groups.items():
             self._send_batch(dest_name, calling, batch)
         return True
@@ -102,8 +105,9 @@ class Dispatcher:
                 if isinstance(dest, DicomwebDestination):
                     outcomes = send_dicomweb(dest, requests)
                 else:
-                    outcomes = send_files(
-                        self._peer(dest, source_ae), requests,
+                    peer = self._peer(dest, source_ae)
+                    outcomes = send_files_parallel(
+                        peer, requests, associations=peer.send_associations,
                         calling_ae=self.config.node.ae_title,
                         timeout_s=self.config.outbox.connect_timeout_s, tls_contexts=self._tls)
             except SendError as exc:

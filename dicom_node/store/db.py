@@ -10,6 +10,7 @@ C-STORE with Success.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -237,6 +238,20 @@ class OutboxItem:
     sent_at: float | None = None
 
 
+_WRITE_LOCKS: dict[str, threading.RLock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock(path: Path) -> threading.RLock:
+    """One lock per database file and process, shared by every Store on it."""
+    key = os.path.realpath(path)
+    with _WRITE_LOCKS_GUARD:
+        lock = _WRITE_LOCKS.get(key)
+        if lock is None:
+            lock = _WRITE_LOCKS[key] = threading.RLock()
+        return lock
+
+
 class Store:
     """A connection per thread to one SQLite file.
 
@@ -277,13 +292,18 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        # Writers of this process queue on a lock, not on SQLite's busy
+        # handler, which sleeps 1, 2, 5, 10... ms between tries: with several
+        # associations recording instances at once those naps, not the
+        # commits, set the pace.  Other processes still meet the handler.
+        with _write_lock(self.path):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

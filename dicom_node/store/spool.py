@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
-__all__ = ["Spool", "is_valid_uid", "atomic_write", "fsync_dir"]
+__all__ = ["Spool", "FolderSyncs", "DurableBatch", "is_valid_uid", "atomic_write", "fsync_dir"]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # One page: the smallest write that needs a free block.
@@ -30,6 +34,61 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass
+class _FolderState:
+    requested: int = 0  # requests so far
+    done: int = 0  # requests covered by a finished fsync
+    running: bool = False
+    users: int = 0
+
+
+class FolderSyncs:
+    """Folder fsyncs shared by the threads that need one at the same time.
+
+    Instances of one series arriving on several associations land in one
+    folder; each rename must be durable before its C-STORE is answered, but
+    one fsync of the folder that *starts* after a rename covers it.  So a
+    thread whose request finds an fsync of that folder already running waits
+    for it to end and then shares the next one with every thread that came
+    in the meantime: one fsync per round instead of one per instance.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._folders: dict[Path, _FolderState] = {}
+
+    def sync(self, folder: Path) -> None:
+        with self._cv:
+            state = self._folders.setdefault(folder, _FolderState())
+            state.requested += 1
+            ticket = state.requested
+            state.users += 1
+            try:
+                while state.done < ticket:
+                    if state.running:
+                        self._cv.wait()
+                        continue
+                    self._run(folder, state)
+            finally:
+                state.users -= 1
+                if state.users == 0:
+                    del self._folders[folder]
+
+    def _run(self, folder: Path, state: _FolderState) -> None:
+        """One fsync covering every request made before it starts (called
+        and returning with the lock held; the fsync itself runs without)."""
+        state.running = True
+        covers = state.requested
+        self._cv.release()
+        try:
+            fsync_dir(folder)
+        finally:
+            self._cv.acquire()
+            state.running = False
+            self._cv.notify_all()
+        state.done = max(state.done, covers)
 
 
 def atomic_write(target: Path, data: bytes | memoryview, tmp_dir: Path, *, durable: bool = True) -> None:
@@ -61,6 +120,64 @@ def atomic_write(target: Path, data: bytes | memoryview, tmp_dir: Path, *, durab
         fsync_dir(target.parent)
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DurableBatch:
+    """atomic_write() for many files at once, with the same guarantees.
+
+    ``write()`` puts each file under a temporary name (nothing held in
+    memory); leaving the ``with`` block fsyncs them together from a few
+    threads (the file system then commits them in shared journal
+    transactions instead of one each), renames each over its target and
+    fsyncs each folder once.  An exception removes the temporary files and
+    leaves every target as it was.
+    """
+
+    _SYNC_THREADS = 4
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self.tmp_dir = tmp_dir
+        self._pending: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> DurableBatch:
+        return self
+
+    def write(self, target: Path, data: bytes | memoryview) -> None:
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._pending.append((tmp, target))
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if kind is None:
+                self._commit()
+        finally:
+            for tmp, _ in self._pending:
+                tmp.unlink(missing_ok=True)  # gone once renamed
+
+    def _commit(self) -> None:
+        temps = [tmp for tmp, _ in self._pending]
+        with ThreadPoolExecutor(min(self._SYNC_THREADS, max(1, len(temps)))) as pool:
+            list(pool.map(_fsync_path, temps))
+        for tmp, target in self._pending:
+            os.replace(tmp, target)
+        for folder in dict.fromkeys(target.parent for _, target in self._pending):
+            fsync_dir(folder)
+
+
 # Files being written, inside the spool: on its file system, so a rename into
 # the spool or outgoing/ is atomic.
 TMP_NAME = ".tmp"
@@ -72,6 +189,7 @@ class Spool:
         self.tmp = root / TMP_NAME
         self.durable = durable
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._folder_syncs = FolderSyncs()
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for name, uid in (("Study", study_uid), ("Series", series_uid), ("SOP Instance", sop_uid)):
@@ -110,7 +228,7 @@ class Spool:
                 os.close(fd)
         os.replace(src, path)
         if self.durable:
-            fsync_dir(folder)
+            self._folder_syncs.sync(folder)
 
     def sync_folder(self, folder: Path) -> None:
         fsync_dir(folder)
