@@ -21,7 +21,8 @@ from test_tls import Pki, pki  # noqa: F401 - the module's CA, server and client
 
 from dicom_node.config import Config, DicomwebDestination
 from dicom_node.errors import ConfigError
-from dicom_node.send.dicomweb import failure_is_permanent, send_dicomweb
+from dicom_node.send.dicomweb import send_dicomweb
+from dicom_node.send.statuses import is_permanent as failure_is_permanent
 from dicom_node.send.scu import StoreRequest
 
 SECRET = "correct-horse-battery"

@@ -133,3 +133,14 @@ def test_send_associations_is_bounded_at_load() -> None:
     for bad in (0, 9):
         with pytest.raises(ValidationError, match="send_associations"):
             Peer(**base, send_associations=bad)
+
+
+def test_one_status_table_for_c_store_and_stow_rs() -> None:
+    from dicom_node.send import statuses
+
+    assert statuses.is_success(0x0000) and statuses.is_success(0xB007)
+    assert not statuses.is_success(0xA700) and not statuses.is_success(0x0110)
+    assert statuses.is_permanent(0xA900) and statuses.is_permanent(0xC221)
+    assert statuses.is_permanent(0x0122) and not statuses.is_permanent(0xA702)
+    assert statuses.describe(0x0122) == "0x0122 (SOP class not supported)"
+    assert statuses.describe(0xA900) == "0xA900"

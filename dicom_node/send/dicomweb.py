@@ -42,9 +42,10 @@ import requests
 
 from dicom_node.config import DicomwebBasicAuth, DicomwebBearerAuth, DicomwebDestination
 from dicom_node.errors import SendError
+from dicom_node.send import statuses
 from dicom_node.send.scu import StoreOutcome, StoreRequest
 
-__all__ = ["USER_AGENT", "echo_dicomweb", "failure_is_permanent", "send_dicomweb"]
+__all__ = ["USER_AGENT", "echo_dicomweb", "send_dicomweb"]
 
 log = logging.getLogger("dicom_node.send")
 
@@ -52,15 +53,6 @@ USER_AGENT = "dicom-node"
 _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_INSTANCE_UID = "00081155"
 _FAILURE_REASON = "00081197"
-_DUPLICATE = 0x0111
-_PERMANENT = {0x0122: "SOP class not supported", 0x0124: "not authorized",
-              0x0210: "duplicate invocation", 0x0211: "unrecognized operation",
-              0x0212: "mistyped argument"}
-
-
-def failure_is_permanent(reason: int) -> bool:
-    """Whether a STOW-RS FailureReason (a C-STORE status) cannot change on a retry."""
-    return reason in _PERMANENT or (reason & 0xFF00) == 0xA900 or (reason & 0xF000) == 0xC000
 
 
 @dataclass
@@ -230,14 +222,12 @@ def _per_instance(parts: list[_Part], rsp: requests.Response, where: str, *,
                 outcomes.append(StoreOutcome(part.request.item_id, True, False, where))
             continue
         reason = failed[uid]
-        if reason == _DUPLICATE:
+        if reason == statuses.DUPLICATE:
             outcomes.append(StoreOutcome(part.request.item_id, True, False,
                                          f"{where}: already stored (0x0111)"))
             continue
-        text = f"{where}: FailureReason 0x{reason:04X}" if reason >= 0 else f"{where}: failed"
-        if reason in _PERMANENT:
-            text += f" ({_PERMANENT[reason]})"
-        permanent = reason >= 0 and failure_is_permanent(reason)
+        text = f"{where}: FailureReason {statuses.describe(reason)}" if reason >= 0 else f"{where}: failed"
+        permanent = reason >= 0 and statuses.is_permanent(reason)
         outcomes.append(StoreOutcome(part.request.item_id, False, not permanent, text))
     return outcomes
 

@@ -30,16 +30,12 @@ from dicom_node.net import pynetdicom_compat as compat
 from dicom_node.net.pdu import BoundedPduReader, PduLimits, advertised_max_pdu
 from dicom_node.net.sockets import DUL_IDLE_WAIT_S, tune_socket
 from dicom_node.security.tls import ClientContexts, TlsError
+from dicom_node.send import statuses
 
-__all__ = ["StoreRequest", "StoreOutcome", "send_files", "send_files_parallel", "status_is_success",
-           "tls_args"]
+__all__ = ["StoreRequest", "StoreOutcome", "send_files", "send_files_parallel", "tls_args"]
 
 log = logging.getLogger("dicom_node.send")
 
-# Statuses after which sending the same object again cannot succeed.
-_PERMANENT = {0x0122: "SOP class not supported", 0x0124: "not authorized",
-              0x0210: "duplicate invocation", 0x0211: "unrecognized operation",
-              0x0212: "mistyped argument"}
 
 
 @dataclass(frozen=True)
@@ -56,11 +52,6 @@ class StoreOutcome:
     ok: bool
     retryable: bool
     reason: str
-
-
-def status_is_success(status: int) -> bool:
-    # 0x0000 success; 0xB000, 0xB006, 0xB007 warnings: the peer stored it.
-    return status == 0x0000 or (status & 0xF000) == 0xB000
 
 
 def _tuner(limits: PduLimits, peer_name: str) -> evt.EventHandlerType:
@@ -201,11 +192,8 @@ def _store_one(assoc: Association, req: StoreRequest, peer: Peer, syntaxes: set[
     status = int(rsp.get("Status", -1)) if rsp else -1
     if status < 0:
         return StoreOutcome(req.item_id, False, True, "no response (timeout or abort)")
-    if status_is_success(status):
+    if statuses.is_success(status):
         return StoreOutcome(req.item_id, True, False, f"status 0x{status:04X}")
-    # 0xA9xx (data set does not match SOP class) and 0xCxxx will not change on
-    # a retry; 0xA7xx (out of resources) may, so it stays transient.
-    if status in _PERMANENT or (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000:
-        why = _PERMANENT.get(status, "refused")
-        return StoreOutcome(req.item_id, False, False, f"{peer.ae_title} {why} (0x{status:04X})")
+    if statuses.is_permanent(status):
+        return StoreOutcome(req.item_id, False, False, f"{peer.ae_title} refused: {statuses.describe(status)}")
     return StoreOutcome(req.item_id, False, True, f"{peer.ae_title} status 0x{status:04X}")
