@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import logging
 
     from dicom_node.store.db import Store
+    from dicom_node.store.views import StoreViews
 
 __all__ = ["main"]
 
@@ -309,16 +310,27 @@ def _export_triton(config: Config, args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _store(config: Config) -> Store:
+def _db_path(config: Config) -> Path:
     """The node's database; an error, not a new empty one, when the node has
     never run with this configuration."""
-    from dicom_node.store.db import Store
-
     path = DataDir.of(config).db
     if not path.is_file():
         raise DicomNodeError(f"no node database at {path}: has `dicom-node serve` run with this "
                              "configuration? (node.data_dir; or give -c)")
-    return Store(path)
+    return path
+
+
+def _store(config: Config) -> Store:
+    from dicom_node.store.db import Store
+
+    return Store(_db_path(config))
+
+
+def _views(config: Config) -> StoreViews:
+    """Read-only queries for the listings."""
+    from dicom_node.store.views import StoreViews
+
+    return StoreViews(_db_path(config))
 
 
 # -- tables ---------------------------------------------------------------------
@@ -355,16 +367,6 @@ def _known(config: Config, what: str, value: str | None, names: list[str]) -> No
                              f"({what}s: {', '.join(names) or 'none'})")
 
 
-def _rows(store: Store, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-    return [dict(r) for r in store._conn().execute(sql, params).fetchall()]
-
-
-def _where(filters: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
-    used = [(clause, value) for clause, value in filters if value is not None]
-    sql = " WHERE " + " AND ".join(c for c, _ in used) if used else ""
-    return sql, [v for _, v in used if v is not True]
-
-
 def _complete(config: Config, args: argparse.Namespace) -> int:
     store = _store(config)
     if store.request_completion(args.series_uid):
@@ -384,9 +386,8 @@ def _outbox(config: Config, args: argparse.Namespace) -> int:
         print(f"{n} dead letters queued again")
         return 0
     _known(config, "destination", args.destination, [d.name for d in config.destinations])
-    where, params = _where([("state=?", args.state), ("destination=?", args.destination),
-                            ("job_id=?", args.job)])
-    items = _rows(store, f"SELECT * FROM outbox{where} ORDER BY id DESC LIMIT ?", [*params, args.limit])
+    items = _views(config).outbox_items(state=args.state, destination=args.destination, job_id=args.job,
+                                        limit=args.limit)
     if args.json:
         print(json.dumps(items, indent=1))
         return 0
@@ -412,8 +413,7 @@ def _jobs(config: Config, args: argparse.Namespace) -> int:
     if args.discard is not None:
         return _discard(store, args.discard)
     _known(config, "route", args.route, [r.name for r in config.routes])
-    where, params = _where([("state=?", args.state), ("route=?", args.route)])
-    jobs = _rows(store, f"SELECT * FROM jobs{where} ORDER BY id DESC LIMIT ?", [*params, args.limit])
+    jobs = _views(config).job_rows(state=args.state, route=args.route, limit=args.limit)
     now = time.time()
     for job in jobs:
         job["series_uids"] = json.loads(job["series_uids"])
@@ -432,12 +432,9 @@ def _jobs(config: Config, args: argparse.Namespace) -> int:
 
 
 def _series(config: Config, args: argparse.Namespace) -> int:
-    store = _store(config)
     _known(config, "route", args.route, [r.name for r in config.routes])
-    where, params = _where([("state=?", args.state), ("route=?", args.route),
-                            ("route IS NULL AND state='complete'", True if args.unrouted else None)])
-    rows = _rows(store, f"SELECT * FROM series{where} ORDER BY last_at DESC LIMIT ?",
-                 [*params, args.limit])
+    rows = _views(config).series_rows(state=args.state, route=args.route, unrouted=args.unrouted,
+                                      limit=args.limit)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
