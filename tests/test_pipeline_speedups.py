@@ -327,3 +327,44 @@ def test_triage_srs_derived_from_the_first_are_what_highdicom_builds(changes):
     # so the SRs of images 2 and 3 were really derived in the first case.
     assert set(changes) <= PER_IMAGE | {"PatientName", "Rows", "SeriesNumber"}
     assert len(templates._built) == (2 if set(changes) <= PER_IMAGE else 4)
+
+
+def _cxr_series(n: int) -> list:
+    from dicom_node_synthetic.cxr_phantom import make_radiograph
+
+    rng = np.random.default_rng(6)
+    return [_roundtrip(dx_image(make_radiograph(rng, size=(200, 160)).image, seed=f"pipe-{i}"))
+            for i in range(n)]
+
+
+def _comparable(ds) -> bytes:
+    """The object's bytes without its creation times."""
+    ds = copy.deepcopy(ds)
+    for keyword in ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    return _content(ds)
+
+
+def test_cxr_pipeline_decodes_and_draws_ahead_with_the_same_results(monkeypatch):
+    """Decoding ahead and drawing captures on the pool gives, in order, what
+    one radiograph at a time gives; a radiograph that cannot be decoded
+    fails the job naming it, as before."""
+    from dicom_node.errors import PipelineError
+    from dicom_node.pipelines.base import PipelineInput
+
+    model = ModelRegistry(load_config().models_dir).get("cxr_triage")
+    series = _cxr_series(5)
+    pipeline = cxr_triage.CxrTriage()
+    ahead = pipeline.run(PipelineInput(1, "cxr", series, {}), model)
+    monkeypatch.setattr(cxr_triage, "_AHEAD", 1)
+    one_by_one = pipeline.run(PipelineInput(1, "cxr", series, {}), model)
+    sr, sc = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
+    kinds = [str(ds.SOPClassUID) for ds in ahead.datasets]
+    assert kinds[1::2] == [sc] * 5 and len(set(kinds[::2])) == 1 and sc not in kinds[::2]
+    assert [_comparable(ds) for ds in ahead.datasets] == [_comparable(ds) for ds in one_by_one.datasets]
+    monkeypatch.setattr(cxr_triage, "_AHEAD", 2)
+    broken = _roundtrip(series[3])
+    broken.PixelData = broken.PixelData[:100]
+    with pytest.raises(PipelineError, match=str(broken.SOPInstanceUID)):
+        pipeline.run(PipelineInput(1, "cxr", [*series[:3], broken, series[4]], {}), model)

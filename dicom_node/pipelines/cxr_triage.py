@@ -10,6 +10,8 @@ Lateral and unknown views are skipped with a recorded reason, not guessed.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -81,6 +83,7 @@ class CxrTriage:
         abnormal = False
         ranges = plausible_ranges(self, model.manifest)
         templates = ReportTemplates()
+        frontal_images = []
         for ds in job.datasets:
             if "PixelData" not in ds:
                 continue
@@ -89,21 +92,43 @@ class CxrTriage:
                 skipped.append(f"{ds.SOPInstanceUID}: {why}")
                 log.info("job %d: skipped instance %s: %s", job.job_id, ds.SOPInstanceUID, why)
                 continue
-            with timer.stage("decode"):
-                image = presentation(ds)
-            with timer.stage("inference"):
-                read = _Read(ds, classify(image, model), image)
-            abnormal |= read.abnormal
-            held += [f"instance {ds.SOPInstanceUID}: {r}" for r in
-                     implausible({"abnormality_probability": read.result.score}, ranges)]
+            frontal_images.append(ds)
+        # Decoding the next radiograph and drawing the captures (numpy and
+        # OpenCV, which release the GIL) run on a small pool beside the
+        # model and the SR (Python, in order: SR templates are kept per
+        # kind).  Stages are timed as the wait on this thread, the critical
+        # path; at most _AHEAD images are decoded or drawn ahead at a time.
+        with ThreadPoolExecutor(_AHEAD, thread_name_prefix=f"cxr-job-{job.job_id}") as pool:
+            upcoming = deque(pool.submit(presentation, ds) for ds in frontal_images[:_AHEAD])
+            captures: list[Future[Dataset]] = []
+            for i, ds in enumerate(frontal_images):
+                with timer.stage("decode"):
+                    image = upcoming.popleft().result()
+                if i + _AHEAD < len(frontal_images):
+                    upcoming.append(pool.submit(presentation, frontal_images[i + _AHEAD]))
+                with timer.stage("inference"):
+                    read = _Read(ds, classify(image, model), image)
+                abnormal |= read.abnormal
+                held += [f"instance {ds.SOPInstanceUID}: {r}" for r in
+                         implausible({"abnormality_probability": read.result.score}, ranges)]
+                with timer.stage("encode"):
+                    prov = Provenance(model.manifest, self.name, str(ds.SOPInstanceUID), model.provider)
+                    if i >= _AHEAD:
+                        captures[i - _AHEAD].result()  # bounds the images held by pending captures
+                    captures.append(pool.submit(_capture, read, prov))
+                    results.append(_report(read, prov, templates))
             with timer.stage("encode"):
-                prov = Provenance(model.manifest, self.name, str(ds.SOPInstanceUID), model.provider)
-                results += [_report(read, prov, templates), _capture(read, prov)]
+                drawn = [c.result() for c in captures]
+        results = [ds for pair in zip(results, drawn, strict=True) for ds in pair]
         if not results:
             raise SkipSeries(f"job {job.job_id}: no frontal chest radiograph: " + "; ".join(skipped)[:500])
         summary = {"images": len(results) // 2, "skipped": len(skipped)}
         return PipelineResult(results, timer.timings, summary, outcome="abnormal" if abnormal else "normal",
                               held=tuple(held))
+
+
+# Radiographs decoded, and captures drawn, ahead of the one in the model.
+_AHEAD = 2
 
 
 def is_frontal(ds: Dataset) -> tuple[bool, str]:
