@@ -1,48 +1,89 @@
 """Ingest: the same generated 300-slice 512x512 CT series sent by dcmtk's
-storescu to dcmtk's storescp, to Orthanc (synchronous storage) and to
-dicom-node, all writing to disk, in one run.  Prints instances/s, MB/s and
-the ratios to storescp.  dicom-node fsyncs every instance; storescp does not.
+storescu to dcmtk's storescp, to Orthanc (synchronous storage, fsync per
+file) and to dicom-node, all writing to disk, in one run, over 1, 2 and 4
+concurrent associations.  Prints instances/s, MB/s, the ratios to storescp
+and Orthanc, the node's scaling over its own one-association rate, and the
+disk's durable-write ceiling: the node's write pattern (write, fsync,
+rename, fsync of the folder) alone, from as many threads.  dicom-node
+fsyncs every instance; storescp does not.
 
-    .venv/bin/python bench/ingest.py [--slices 300] [--parallel 4]
+    .venv/bin/python bench/ingest.py [--slices 300] [--associations 1,2,4] [--receivers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import threading
+import time
+from pathlib import Path
 
 from common import NodeProcess, Orthanc, StoreSCP, cleanup, make_series, storescu_time, workdir
+
+
+def durable_writes(folder: Path, files: list[Path], threads: int) -> float:
+    """Seconds to write ``files`` durably the way the spool does, from ``threads``."""
+    (folder / "tmp").mkdir(parents=True)
+    (folder / "final").mkdir()
+    data = [f.read_bytes() for f in files]
+
+    def one(k: int) -> None:
+        for i in range(k, len(data), threads):
+            tmp = folder / "tmp" / f"{i}.part"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            os.write(fd, data[i])
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(tmp, folder / "final" / f"{i}.dcm")
+            dfd = os.open(folder / "final", os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(dfd)
+            os.close(dfd)
+
+    workers = [threading.Thread(target=one, args=(k,)) for k in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slices", type=int, default=300)
-    ap.add_argument("--parallel", type=int, default=4, help="concurrent associations for the second round")
-    ap.add_argument("--receivers", type=int, default=2, help="dicom-node receiver processes for that round")
+    ap.add_argument("--associations", default="1,2,4", help="comma-separated concurrent associations")
+    ap.add_argument("--receivers", type=int, default=2,
+                    help="dicom-node receiver processes when there is more than one association")
     args = ap.parse_args()
     root = workdir()
     try:
         files = make_series(root / "series", args.slices)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"series: {len(files)} instances, {mb:.1f} MB")
+        counts = [int(a) for a in args.associations.split(",")]
         results: dict[str, float] = {}
-        for parallel in (1, args.parallel):
-            scp = StoreSCP(root / f"storescp-{parallel}", fork=parallel > 1)
-            results[f"storescp x{parallel}"] = storescu_time(scp.port, "STORESCP", files, parallel)
+        for n in counts:
+            scp = StoreSCP(root / f"storescp-{n}", fork=n > 1)
+            results[f"storescp x{n}"] = storescu_time(scp.port, "STORESCP", files, n)
             scp.stop()
-            pacs = Orthanc(root / f"orthanc-{parallel}").start()
-            results[f"orthanc x{parallel}"] = storescu_time(pacs.dicom_port, "ORTHANC", files, parallel)
+            pacs = Orthanc(root / f"orthanc-{n}").start()
+            results[f"orthanc x{n}"] = storescu_time(pacs.dicom_port, "ORTHANC", files, n)
             pacs.stop()
-            receivers = 1 if parallel == 1 else args.receivers
-            node = NodeProcess(root / f"node-{parallel}", routes=[],
+            receivers = 1 if n == 1 else args.receivers
+            node = NodeProcess(root / f"node-{n}", routes=[],
                                node={"workers": 0, "receivers": receivers}).start()
-            results[f"dicom-node x{parallel}"] = storescu_time(node.port, "DICOM_NODE", files, parallel)
+            results[f"dicom-node x{n}"] = storescu_time(node.port, "DICOM_NODE", files, n)
             node.stop()
+            results[f"durable writes x{n}"] = durable_writes(root / f"disk-{n}", files, n)
         print(f"{'target':22s} {'inst/s':>8s} {'MB/s':>8s} {'vs storescp':>12s}")
         for name, seconds in results.items():
             ref = results[f"storescp x{name.split(' x')[1]}"]
             print(f"{name:22s} {len(files) / seconds:8.1f} {mb / seconds:8.1f} {ref / seconds:12.2f}")
-        for p in ("1", str(args.parallel)):
-            print(f"dicom-node / orthanc x{p}: {results[f'orthanc x{p}'] / results[f'dicom-node x{p}']:.2f}")
+        for n in counts:
+            node = results[f"dicom-node x{n}"]
+            print(f"x{n}: dicom-node / orthanc {results[f'orthanc x{n}'] / node:.2f}, "
+                  f"rate / its own x{counts[0]} rate {results[f'dicom-node x{counts[0]}'] / node:.2f}, "
+                  f"/ the durable-write ceiling {results[f'durable writes x{n}'] / node:.2f}")
     finally:
         cleanup(root)
 
