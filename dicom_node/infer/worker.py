@@ -100,7 +100,11 @@ class Worker:
             for counter in (self.metrics.jobs_held, self.metrics.jobs_deferred):
                 counter.labels(pipeline=pipeline)
 
-    def run_forever(self, stop: Event, poll_s: float = 0.2) -> None:
+    # An idle worker looks for a job this often (a read, see Store.claim_job):
+    # the wait is part of every job's time to results.
+    POLL_S = 0.05
+
+    def run_forever(self, stop: Event, poll_s: float = POLL_S) -> None:
         self._stop = stop
         while not stop.is_set():
             try:

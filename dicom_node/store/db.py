@@ -464,6 +464,13 @@ class Store:
 
     def claim_job(self, worker: str, now: float | None = None) -> Job | None:
         now = time.time() if now is None else now
+        # A read first: idle workers poll often, and a write transaction per
+        # poll would take the write lock from the receivers every time.
+        waiting = self._conn().execute(
+            """SELECT 1 FROM jobs WHERE state='queued' AND (not_before IS NULL OR not_before <= ?)
+               LIMIT 1""", (now,)).fetchone()
+        if waiting is None:
+            return None
         with self._tx() as db:
             row = db.execute(
                 """UPDATE jobs SET state='running', worker=?, started_at=?, attempts=attempts+1
