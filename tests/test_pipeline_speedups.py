@@ -244,15 +244,21 @@ class _AsIfAccelerated:
 
 
 def test_ct_denoise_with_the_roi_search_beside_inference_gives_the_same_report():
+    """On an accelerator the ROI search and the derived images' encoding run
+    beside the inference (batch by batch); the results are the CPU path's."""
     from dicom_node.pipelines.base import PipelineInput, get_pipeline
-    vol = ct_phantom.make_volume(np.random.default_rng(1), 4, size=96)
+    vol = ct_phantom.make_volume(np.random.default_rng(1), 7, size=96)
     sources = [_roundtrip(ds) for ds in ct_series(vol.low_dose_hu, seed="overlap", pixel_mm=vol.pixel_mm,
                                                    slice_mm=vol.slice_mm)]
     model = ModelRegistry(load_config().models_dir).get("ct_denoise")
     pipeline = get_pipeline("ct_denoise")
-    inline = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], {}), model)
-    beside = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], {}), _AsIfAccelerated(model))
+    options = {"batch_size": 2}  # four batches, the last one short
+    inline = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], options), model)
+    beside = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], options),
+                          _AsIfAccelerated(model))
     assert inline.summary == beside.summary and inline.held == beside.held
+    assert [_content(ds) for ds in inline.datasets[:-1]] == [_content(ds) for ds in beside.datasets[:-1]]
+    assert len(beside.datasets) == 8
 
     def measured(result):
         sr = result.datasets[-1]

@@ -12,7 +12,7 @@ wrong result.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -104,12 +104,15 @@ def _neighbours(volume: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
 
 
 def denoise(volume: np.ndarray, spacing: tuple[float, float], model: InferenceModel,
-            batch: int) -> np.ndarray:
+            batch: int, on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
     """An image-to-image model over a (N, H, W) stack in modality values.
 
     The stack is resampled to the model's spacing when it declares one; the
     change the model makes is then resampled back and added to the original,
-    so detail the model left alone is not blurred by the round trip."""
+    so detail the model left alone is not blurred by the round trip.
+    ``on_batch(indices, slices)``, when given, gets each batch's finished
+    slices (modality values on the source grid) as soon as they are done,
+    so that encoding can start while later batches are inferred."""
     manifest = model.manifest
     spec = manifest.image_to_image
     assert spec is not None
@@ -118,7 +121,7 @@ def denoise(volume: np.ndarray, spacing: tuple[float, float], model: InferenceMo
     size = spacing_size((h, w), spacing, manifest.geometry)
     source = resample(volume[:, None].astype(np.float32), size)[:, 0]
     k = (manifest.depth or 1) // 2 if manifest.depth else spec.context_slices
-    result = np.empty_like(source)
+    result = np.empty((n, h, w), np.float32)
     centre = k
     for start in range(0, n, max(1, manifest.batch_limit(batch))):
         idx = np.arange(start, min(n, start + manifest.batch_limit(batch)))
@@ -130,11 +133,15 @@ def denoise(volume: np.ndarray, spacing: tuple[float, float], model: InferenceMo
             return from_model(raw, out_spec)[:, :1]
 
         y = run_fitted(x, manifest.geometry, manifest.fixed_size, run)[:, 0]
-        result[idx] = _to_modality(y, x[:, centre], stack[:, centre], manifest)
-    if size == (h, w):
-        return result
-    change = resample((result - source)[:, None], (h, w))[:, 0]
-    return volume.astype(np.float32) + change
+        denoised = _to_modality(y, x[:, centre], stack[:, centre], manifest)
+        if size == (h, w):
+            result[idx] = denoised
+        else:  # resampling is per slice: a batch maps back on its own
+            change = resample((denoised - source[idx])[:, None], (h, w))[:, 0]
+            result[idx] = volume[idx].astype(np.float32) + change
+        if on_batch is not None:
+            on_batch(idx, result[idx])
+    return result
 
 
 def _to_modality(y: np.ndarray, x_centre: np.ndarray, source: np.ndarray,

@@ -71,13 +71,24 @@ class CtDenoise:
         # The ROI search needs only the source volume.  With an accelerator
         # doing the inference the CPU is free meanwhile, so it runs beside
         # the model; on the CPU provider the model already uses every core.
-        regions = _search_regions(volume, background=model.provider != "CPUExecutionProvider")
-        with timer.stage("inference"):
-            denoised = denoise(volume.values, volume.pixel_spacing, model,
-                               int(job.options.get("batch_size", 4)))
+        accelerated = model.provider != "CPUExecutionProvider"
+        regions = _search_regions(volume, background=accelerated)
+        prov = Provenance(model.manifest, self.name, series_uid, model.provider)
+        slices = _DerivedSlices(volume, prov)
+        # Likewise the derived images of each finished batch are encoded
+        # while the accelerator infers the next.
+        beside = _EncodeBeside(slices) if accelerated else None
+        try:
+            with timer.stage("inference"):
+                denoised = denoise(volume.values, volume.pixel_spacing, model,
+                                   int(job.options.get("batch_size", 4)), on_batch=beside)
+        except BaseException:
+            if beside is not None:
+                beside.finish_quietly()
+            raise
         with timer.stage("encode"):
-            prov = Provenance(model.manifest, self.name, series_uid, model.provider)
-            derived = _derived_series(volume, denoised, prov)
+            derived = (beside.finish() if beside is not None
+                       else slices.encode(np.arange(len(volume.slices)), denoised))
             report, measured = _quality_report(volume, denoised, derived, prov, regions)
         values = _plausibility_values(measured)
         held = implausible(values, plausible_ranges(self, model.manifest),
@@ -113,29 +124,60 @@ def _ct_images(job: PipelineInput) -> list[Dataset]:
 
 
 
-def _derived_series(volume: Volume, denoised: np.ndarray, prov: Provenance) -> list[Dataset]:
-    first = volume.slices[0].dataset
-    series_uid = prov.uid("derived-series")
-    description = f"AI denoised {prov.description}"
-    derivation = (f"AI noise reduction by {prov.manifest.name} version {prov.manifest.version} "
-                  f"({prov.manifest.family.meaning}) in dicom-node; not for primary diagnosis "
-                  f"unless the site validated this model")
-    number = prov.series_number(first, _SERIES_OFFSET["derived"])
-    series = DerivedSeries(prov, series_uid=series_uid, series_number=number,
-                           series_description=description, derivation=derivation)
-    out = []
-    for i, s in enumerate(volume.slices):
-        if s.frame is None:
-            out.append(series.image(s.dataset, denoised[i], index=str(s.dataset.SOPInstanceUID)))
-            continue
-        # Enhanced CT in: one single-frame CT image per frame out, which every
-        # viewer shows, with the frame's own geometry.
-        geometry = {"position": s.position, "orientation": s.orientation, "spacing": s.spacing,
-                    "rescale": s.rescale, "thickness": volume.slice_spacing}
-        out.append(derived_from_frame(s.dataset, s.frame, geometry, denoised[i], prov, index=i,
-                                      series_uid=series_uid, series_number=number,
-                                      series_description=description, derivation=derivation))
-    return out
+class _DerivedSlices:
+    """The derived series, encoded slice by slice in source order."""
+
+    def __init__(self, volume: Volume, prov: Provenance) -> None:
+        self.volume, self.prov = volume, prov
+        first = volume.slices[0].dataset
+        self.series_uid = prov.uid("derived-series")
+        self.description = f"AI denoised {prov.description}"
+        self.derivation = (f"AI noise reduction by {prov.manifest.name} version {prov.manifest.version} "
+                           f"({prov.manifest.family.meaning}) in dicom-node; not for primary diagnosis "
+                           f"unless the site validated this model")
+        self.number = prov.series_number(first, _SERIES_OFFSET["derived"])
+        self.series = DerivedSeries(prov, series_uid=self.series_uid, series_number=self.number,
+                                    series_description=self.description, derivation=self.derivation)
+
+    def encode(self, indices: np.ndarray, values: np.ndarray) -> list[Dataset]:
+        out = []
+        for i, slice_values in zip(indices.tolist(), values, strict=True):
+            s = self.volume.slices[i]
+            if s.frame is None:
+                out.append(self.series.image(s.dataset, slice_values, index=str(s.dataset.SOPInstanceUID)))
+                continue
+            # Enhanced CT in: one single-frame CT image per frame out, which every
+            # viewer shows, with the frame's own geometry.
+            geometry = {"position": s.position, "orientation": s.orientation, "spacing": s.spacing,
+                        "rescale": s.rescale, "thickness": self.volume.slice_spacing}
+            out.append(derived_from_frame(s.dataset, s.frame, geometry, slice_values, self.prov, index=i,
+                                          series_uid=self.series_uid, series_number=self.number,
+                                          series_description=self.description, derivation=self.derivation))
+        return out
+
+
+class _EncodeBeside:
+    """Encodes each batch of finished slices on one background thread while
+    the accelerator infers the next (one thread: the series template is
+    built in order).  ``finish()`` returns the series in source order."""
+
+    def __init__(self, slices: _DerivedSlices) -> None:
+        self._slices = slices
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ct-encode")
+        self._parts: list[Future[list[Dataset]]] = []
+
+    def __call__(self, indices: np.ndarray, values: np.ndarray) -> None:
+        self._parts.append(self._pool.submit(self._slices.encode, indices.copy(), values.copy()))
+
+    def finish(self) -> list[Dataset]:
+        try:
+            return [ds for part in self._parts for ds in part.result()]
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def finish_quietly(self) -> None:
+        """After a failed inference: stop, dropping what was encoded."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 _BACKGROUND: ThreadPoolExecutor | None = None
