@@ -309,20 +309,26 @@ def _side_u(X: np.ndarray, k: int) -> np.ndarray:
 
 def _lung_soft(u: np.ndarray, Y: np.ndarray, a: _Anatomy, k: int) -> np.ndarray:
     """Soft (0..1) lung field of hemithorax k, from approximate signed distances."""
+    return np.clip(_lung_distance(u, Y, a, k) / _EDGE + 0.5, 0.0, 1.0)
+
+
+def _lung_distance(u: np.ndarray, Y: np.ndarray, a: _Anatomy, k: int) -> np.ndarray:
+    """Approximate signed distance (chest units) into the lung of hemithorax k."""
     span = a.cp_y[k] - a.apex
     q = np.clip((Y - a.apex) / (0.75 * span), 0.0, 1.0)
     lateral = a.apex_u + (a.u_max[k] - a.apex_u) * np.sqrt(1.0 - (1.0 - q) ** 2)
     medial = a.medial + 0.06 * (1.0 - q) ** 6        # apices narrow towards the top
     dia = a.dome[k] + a.dome_curv * (u - a.dome_u) ** 2
-    d = np.minimum(np.minimum(u - medial, lateral - u), np.minimum(Y - a.apex, dia - Y))
-    return np.clip(d / _EDGE + 0.5, 0.0, 1.0)
+    return np.minimum(np.minimum(u - medial, lateral - u), np.minimum(Y - a.apex, dia - Y))
 
 
-def _heart_profile(X: np.ndarray, Y: np.ndarray, a: _Anatomy) -> np.ndarray:
-    """Projected thickness of the heart (0 outside), asymmetric ellipse."""
+def _heart_profile(X: np.ndarray, Y: np.ndarray, a: _Anatomy,
+                   steepness: float = 3.0) -> np.ndarray:
+    """Projected thickness of the heart (0 outside), asymmetric ellipse; a
+    lower ``steepness`` gives a softer, more gradual border."""
     rx = np.where(X < a.heart_x, a.heart_r, a.heart_l)
     r2 = ((X - a.heart_x) / rx) ** 2 + ((Y - a.heart_y) / a.heart_h) ** 2
-    return np.clip(3.0 * np.sqrt(np.clip(1.0 - r2, 0.0, 1.0)), 0.0, 1.0)
+    return np.clip(steepness * np.sqrt(np.clip(1.0 - r2, 0.0, 1.0)), 0.0, 1.0)
 
 
 def _disc_profile(X: np.ndarray, Y: np.ndarray, x0: float, y0: float,
@@ -600,11 +606,18 @@ def _checked(rng: np.random.Generator, finding: str | None, size: tuple[int, int
 
 def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
                            size: tuple[int, int] = (256, 256),
-                           severity: str | None = None) -> Radiograph:
+                           severity: str | None = None,
+                           rounded: bool = False) -> Radiograph:
     """A domain-randomised radiograph (same arguments and truth as ``make_radiograph``).
 
     The image is presentation-ready ([0, 1], bright = dense); stored bit
     depth, MONOCHROME1/2 and the VOI window are left to the DICOM writer.
+
+    ``rounded`` also randomises the depth profile of the chest: the air
+    path through each lung thins towards its edges (a lung is a rounded
+    volume, not a slab of constant thickness: its borders fade over a random
+    width instead of being cut out) and the heart's border is softer.
+    Without it every seed renders the image it rendered before the option.
     """
     rows, cols, severity = _checked(rng, finding, size, severity)
 
@@ -617,7 +630,15 @@ def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
 
     X, Y = frame.X, frame.Y
     lung_soft = [_lung_soft(_side_u(X, k), Y, anat, k) for k in (0, 1)]
-    heart_t = _heart_profile(X, Y, anat)
+    # Air path length through each lung, relative to its thickest part.
+    lung_depth = lung_soft
+    heart_steepness = 3.0
+    if rounded:
+        taper, power = rng.uniform(0.02, 0.14), rng.uniform(0.3, 0.9)
+        lung_depth = [lung_soft[k] * np.clip(_lung_distance(_side_u(X, k), Y, anat, k)
+                                             / taper, 0.0, 1.0) ** power for k in (0, 1)]
+        heart_steepness = rng.uniform(1.0, 3.0)
+    heart_t = _heart_profile(X, Y, anat, heart_steepness)
     knob = np.clip(2.0 * _disc_profile(X, Y, anat.medial - 0.012, -0.16,
                                        rng.uniform(0.03, 0.05)), 0.0, 1.0)
     density = _body_varied(rng, X, Y, anat)
@@ -645,7 +666,7 @@ def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
         mask = heart_t > 0.0
 
     displaced = 1.0 - rng.uniform(0.80, 0.97) * np.maximum(heart_t, knob)
-    lungs_air = sum(lung_soft[k] * air_scale[k] for k in (0, 1)) * displaced
+    lungs_air = sum(lung_depth[k] * air_scale[k] for k in (0, 1)) * displaced
     density -= _LUNG_AIR * rng.uniform(0.65, 1.3) * lungs_air
     density += _trachea(X, Y) * rng.uniform(0.3, 1.3)
     density += extra

@@ -4,8 +4,9 @@ Reproduces ``models_onnx/cxr_triage.onnx`` and ``models_onnx/cxr_triage.yaml``
 from synthetic radiographs (``dicom_node_synthetic.cxr_phantom``):
 
 1. generate seeded train / validation / held-out test sets of the training
-   family (80 % domain-randomised ``make_varied_radiograph``, 20 % the narrow
-   default ``make_radiograph``, all written as DX and read back by the
+   family (80 % domain-randomised ``make_varied_radiograph``, half of those
+   with rounded lungs, 20 % the narrow default ``make_radiograph``, all
+   written as DX and read back by the
    pipeline's ``presentation``), half normal and half spread evenly over the
    five findings and two severities, at random sizes and aspect ratios,
    letterboxed and normalised exactly as the pipeline does (see
@@ -76,6 +77,12 @@ SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3, "default": 3, "independent": 4}
 # Share of training-family images drawn from the narrow default phantom, so
 # that the family contains it; the rest are domain-randomised.
 DEFAULT_SHARE = 0.2
+# Share of the domain-randomised images with rounded lungs and softer heart
+# borders (make_varied_radiograph(rounded=True)); model 1.1.0, trained on
+# slab-like lungs only, scored rounded normal lungs as abnormal.
+ROUNDED_SHARE = 0.5
+# Cache prefix of the training-family splits: bumped whenever their images change.
+FAMILY_DATA = "v2"
 CHUNK = 2000
 WEIGHT_DECAY = 5e-4
 TARGET_SENSITIVITY = 0.99
@@ -177,9 +184,12 @@ def make_split(seed: int, split: str, n: int, start: int = 0) -> Split:
             rad = make_radiograph(rng, finding, random_size(rng), severity or None)
             image = rad.image
         else:
-            varied = rng.random() >= DEFAULT_SHARE
-            make = make_varied_radiograph if varied else make_radiograph
-            rad = make(rng, finding, random_size(rng), severity or None)
+            if rng.random() >= DEFAULT_SHARE:
+                rounded = bool(rng.random() < ROUNDED_SHARE)
+                rad = make_varied_radiograph(rng, finding, random_size(rng), severity or None,
+                                             rounded=rounded)
+            else:
+                rad = make_radiograph(rng, finding, random_size(rng), severity or None)
             image = as_presented(rng, rad.image)
         img, m = letterbox(image, mask=rad.mask)
         x[j] = np.round(normalize(img) * 255.0).astype(np.uint8)
@@ -213,23 +223,32 @@ def load_or_make(work: Path, seed: int, split: str, n: int) -> Split:
     """Cache generated splits in the work folder (keyed by seed, split and size);
     large splits are made and cached in chunks of ``CHUNK`` images, so a
     shorter run can reuse the first chunks of a longer one."""
-    if n > CHUNK and split != "independent":
-        parts = [_cached(work / f"{split}_seed{seed}_{a}-{min(a + CHUNK, n)}.npz",
+    stem = _stem(split, seed)
+    if n >= CHUNK and split != "independent":
+        parts = [_cached(work / f"{stem}_{a}-{min(a + CHUNK, n)}.npz",
                          lambda a=a: make_split(seed, split, min(CHUNK, n - a), a))
                  for a in range(0, n, CHUNK)]
         return Split(*(np.concatenate([getattr(p, f) for p in parts])
                        for f in ("x", "y", "finding", "severity", "masks")))
     make = ((lambda: make_independent_split(seed, n)) if split == "independent"
             else (lambda: make_split(seed, split, n)))
-    return _cached(work / f"{split}_seed{seed}_n{n}.npz", make)
+    return _cached(work / f"{stem}_n{n}.npz", make)
 
 
 def is_cached(work: Path, seed: int, split: str, n: int) -> bool:
     """Whether ``load_or_make`` will find the whole split in the cache."""
-    if n > CHUNK and split != "independent":
-        return all((work / f"{split}_seed{seed}_{a}-{min(a + CHUNK, n)}.npz").exists()
+    stem = _stem(split, seed)
+    if n >= CHUNK and split != "independent":
+        return all((work / f"{stem}_{a}-{min(a + CHUNK, n)}.npz").exists()
                    for a in range(0, n, CHUNK))
-    return (work / f"{split}_seed{seed}_n{n}.npz").exists()
+    return (work / f"{stem}_n{n}.npz").exists()
+
+
+def _stem(split: str, seed: int) -> str:
+    """Cache file stem; training-family splits carry ``FAMILY_DATA``."""
+    if split in ("train", "val", "test"):
+        return f"{split}_{FAMILY_DATA}_seed{seed}"
+    return f"{split}_seed{seed}"
 
 
 def _cached(path: Path, make: Callable[[], Split]) -> Split:
@@ -512,7 +531,7 @@ def write_manifest(path: Path, onnx_name: str, digest: str, threshold: float,
     """Write the YAML manifest (validated against dicom_node.infer.manifest)."""
     manifest = {
         "name": "cxr_triage",
-        "version": "1.1.0",
+        "version": "1.2.0",
         # DICOM CID 7162 (Surface Processing Algorithm Family), DCM 123110.
         "family": {"scheme": "DCM", "value": "123110", "meaning": "Artificial Intelligence"},
         "description": (
@@ -697,7 +716,11 @@ def main(argv: list[str] | None = None) -> None:
             "evenly over nodule, consolidation, effusion, pneumothorax and "
             "cardiomegaly at subtle and obvious severity. "
             f"{round(100 * (1 - DEFAULT_SHARE))} % are domain-randomised "
-            "(dicom_node_synthetic.cxr_phantom.make_varied_radiograph: habitus - "
+            "(dicom_node_synthetic.cxr_phantom.make_varied_radiograph, "
+            f"{round(100 * ROUNDED_SHARE)} % of them with rounded=True - the air "
+            "path through each lung thinning towards its borders over 0.02-0.14 "
+            "chest units (profile exponent 0.3-0.9) instead of a constant-thickness "
+            "slab, and a softer heart border; habitus - "
             "trunk width, shape and fat, neck, arms, breast shadows, gastric bubble; "
             "lung and heart shape and size, CTR 0.34-0.47 normal and 0.53-0.72 "
             "enlarged; rib count, curve, width, contrast, cortical or solid, anterior "
