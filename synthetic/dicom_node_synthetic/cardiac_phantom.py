@@ -134,6 +134,10 @@ class _Subject:
     intens: dict[str, float]
     noise: float
     gain: float
+    # The RV is drawn down to this fraction of its basal profile, then ends.
+    rv_min_prof: float = 0.2
+    # Scales the RV's depth from the septum to its free wall (thin crescents below 1).
+    rv_depth: float = 1.0
 
 
 def _draw_subject(rng: np.random.Generator, size: int) -> _Subject:
@@ -214,10 +218,10 @@ def _heart_classes(sub: _Subject, scene: _Scene, size: int, s: float, f_lv: floa
     axis_deg = math.degrees(sub.rv_dir)
 
     rv_prof = math.sqrt(max(0.0, 1.0 - (s / sub.rv_extent) ** 2)) if s < sub.rv_extent else 0.0
-    if rv_prof > 0.2:
+    if rv_prof > sub.rv_min_prof:
         epi_base = (sub.r_endo + sub.wall) * sub.rv_size
         # RV free wall moves towards the septum in systole: the across-axis radius shrinks most.
-        a_par = epi_base * 0.6 * (0.5 + 0.5 * rv_prof) * (0.35 + 0.65 * f_rv)
+        a_par = epi_base * 0.6 * (0.5 + 0.5 * rv_prof) * (0.35 + 0.65 * f_rv) * sub.rv_depth
         a_perp = epi_base * (0.75 + 0.6 * rv_prof) * (0.85 + 0.15 * f_rv)
         # Centre just outside the septum so the LV bites a concave notch: a crescent.
         d = epi * 0.45 + a_par * 0.75
@@ -258,15 +262,25 @@ def make_cine(rng: np.random.Generator, n_slices: int = 10, n_phases: int = 25,
 
 
 def make_cine_randomised(rng: np.random.Generator, n_slices: int = 10, n_phases: int = 25,
-                         size: int = 256) -> CineStudy:
+                         size: int = 256, thin_rv: bool = False) -> CineStudy:
     """Like :func:`make_cine` with the subject drawn from much wider ranges, for training
     with domain randomisation: wall thickness 4-16 mm, LV radius, eccentricity, RV size and
     extent, LVEF 20-80 %, apical coverage up to a myocardium-only apical cap, every tissue
     intensity (blood/myocardium contrast from about 1.3 to 10), noise and coil shading.
-    :func:`make_cine` itself is unchanged (same seed, same study)."""
+
+    ``thin_rv`` (opt-in) also draws how far towards its apex the RV reaches before it ends
+    (down to 2 % of its basal profile, instead of 20 %) and a shallower RV (depth 0.55-1.0
+    of the default), so the stack holds the thin, small RV crescents of apical slices.
+    Without it the output is the same as before the option existed (same seed, same study);
+    :func:`make_cine` itself is unchanged."""
     if n_slices < 2 or n_phases < 2 or size < 64:
         raise ValueError("need n_slices >= 2, n_phases >= 2 and size >= 64")
-    return _render(rng, _widen(rng, _draw_subject(rng, size)), n_slices, n_phases, size)
+    sub = _widen(rng, _draw_subject(rng, size))
+    if thin_rv:
+        # Drawn after everything else, so the default stream stays as it was.
+        sub = replace(sub, rv_min_prof=float(rng.uniform(0.02, 0.2)),
+                      rv_depth=float(rng.uniform(0.55, 1.0)))
+    return _render(rng, sub, n_slices, n_phases, size)
 
 
 def _widen(rng: np.random.Generator, sub: _Subject) -> _Subject:
