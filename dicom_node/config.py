@@ -423,8 +423,9 @@ class NodeSettings(_Frozen):
     # Seconds an idle association is kept before we release it.
     acse_timeout_s: float = Field(default=30, gt=0)
     workers: int = Field(default=1, ge=0)
-    # Receiver processes sharing the DICOM port (SO_REUSEPORT); more than one
-    # lets concurrent associations use more than one core.
+    # Receiver processes accepting from one listening socket (each takes the
+    # next connection when free); more than one lets concurrent associations
+    # use more than one core.
     receivers: int = Field(default=1, ge=1)
     http: HttpSettings = HttpSettings()
     # TLS on the DICOM port: when set the port accepts TLS connections only.

@@ -12,11 +12,13 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from multiprocessing.process import BaseProcess
 
 from prometheus_client import CollectorRegistry
@@ -55,8 +57,10 @@ def worker_main(config: Config, name: str, log_level: str, json_logs: bool) -> N
     Worker(config, Store(data.db), name, Metrics(CollectorRegistry()), data=data).run_forever(stop)
 
 
-def receiver_main(config: Config, name: str, log_level: str, json_logs: bool) -> None:
-    """Entry point of an extra receiver process sharing the DICOM port."""
+def receiver_main(config: Config, name: str, log_level: str, json_logs: bool,
+                  listener: socket.socket) -> None:
+    """Entry point of an extra receiver process accepting from the node's
+    listening socket (passed by the parent)."""
     setup_logging(log_level, json_logs)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
@@ -67,7 +71,7 @@ def receiver_main(config: Config, name: str, log_level: str, json_logs: bool) ->
     # Process-wide: received datasets go to files in the spool's .tmp.
     pynetdicom_compat.configure_process(send_chunked=False, receive_tmp_dir=spool.tmp)
     receiver = Receiver(config, store, spool,
-                        Metrics(CollectorRegistry()), reuse_port=True, warn=False)
+                        Metrics(CollectorRegistry()), listener=listener, warn=False)
     receiver.start()
     stop.wait()
     receiver.stop()
@@ -110,9 +114,12 @@ class Node:
                                              min_free_bytes=self.config.node.min_free_bytes))
         self.exposed.register(RuntimeCollector())
         self.receive_store = Store(data.db, synchronous="NORMAL")
-        shared_port = self.config.node.receivers > 1
+        node = self.config.node
+        # Several receiver processes accept from one listening socket.
+        self.listener = (pynetdicom_compat.shared_listener(node.host, node.port)
+                         if node.receivers > 1 else None)
         self.receiver = Receiver(self.config, self.receive_store, self.spool, self.metrics,
-                                 reuse_port=shared_port)
+                                 listener=self.listener)
         self.completer = Completer(self.config, self.store, self.metrics, data=data)
         self.dispatcher = Dispatcher(self.config, self.store, self.metrics, data=data)
         self.stop_event = threading.Event()
@@ -217,9 +224,11 @@ class Node:
             self.stop_event.wait(settings.interval_s)
 
     def _start_worker(self, slot: _WorkerSlot) -> None:
-        target = worker_main if slot.role == "worker" else receiver_main
-        proc = self._ctx.Process(target=target, name=slot.name,
-                                 args=(self.config, slot.name, self.log_level, self.json_logs))
+        args: tuple[Any, ...] = (self.config, slot.name, self.log_level, self.json_logs)
+        if slot.role == "worker":
+            proc = self._ctx.Process(target=worker_main, name=slot.name, args=args)
+        else:  # spawn passes the socket by duplicating its descriptor
+            proc = self._ctx.Process(target=receiver_main, name=slot.name, args=(*args, self.listener))
         proc.start()
         slot.process = proc
         slot.last_start = time.time()

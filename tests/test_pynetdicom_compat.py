@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pynetdicom
 import pytest
-from pynetdicom import AE, _config, dimse_messages, dul
+from pynetdicom import AE, _config, dimse_messages, dul, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
@@ -123,18 +123,44 @@ def test_install_pdu_reader_replaces_the_transports_recv():
         theirs.close()
 
 
-def test_server_class_sets_reuse_port_on_a_subclass_only():
-    shared = compat.server_class(reuse_port=True)
-    assert shared.reuse_port and issubclass(shared, compat.NodeServer)
-    assert compat.server_class(reuse_port=True) is shared
-    assert not compat.NodeServer.reuse_port
-    assert not compat.server_class(reuse_port=False).reuse_port
+def test_two_servers_share_one_listener_and_each_accepts_from_it():
+    """Two servers (as in two receiver processes) on one non-blocking
+    listening socket: both serve; the one that loses an accept race waits
+    for the next connection instead of blocking or failing."""
+    assert compat.server_class() is compat.NodeServer and compat.NodeServer.shared_listener is None
+    listener = compat.shared_listener("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    servers = []
+    for _ in range(2):
+        ae = AE()
+        ae.add_supported_context("1.2.840.10008.1.1")
+        server = ae.make_server(("127.0.0.1", port), server_class=compat.server_class(shared_listener=listener))
+        assert server.socket is listener and server.server_address[1] == port
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        compat.register_server(ae, server)
+        servers.append(server)
+    try:
+        served = set()
+        for server in servers:
+            server.bind(evt.EVT_C_ECHO, lambda event, s=server: served.add(id(s)) or 0x0000)
+        for _ in range(20):
+            scu = AE()
+            scu.add_requested_context("1.2.840.10008.1.1")
+            assoc = scu.associate("127.0.0.1", port)
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+        assert len(served) >= 1
+    finally:
+        for server in servers:
+            server.shutdown()
+        listener.close()
 
 
 def test_register_server_lets_pynetdicom_shut_it_down():
     ae = AE()
     ae.add_supported_context("1.2.840.10008.1.1")
-    server = ae.make_server(("127.0.0.1", 0), server_class=compat.server_class(reuse_port=False))
+    server = ae.make_server(("127.0.0.1", 0), server_class=compat.server_class())
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     compat.register_server(ae, server)

@@ -41,7 +41,7 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
 
 __all__ = ["SUPPORTED", "CompatError", "check", "SharedContexts", "install_wakeup",
-           "install_pdu_reader", "NodeServer", "server_class", "register_server",
+           "install_pdu_reader", "NodeServer", "server_class", "shared_listener", "register_server",
            "configure_process", "discard_partial_dataset", "received_write_error"]
 
 log = logging.getLogger("dicom_node.net")
@@ -256,7 +256,12 @@ class NodeServer(ThreadedAssociationServer):
       established ones.
     """
 
-    reuse_port = False  # set on a subclass by server_class(), never mutated here
+    # A listening socket shared by the node's receiver processes, set on a
+    # subclass by server_class(), never mutated here.  Each process accepts
+    # from it when it is free, so connections go to whichever is idle; with
+    # SO_REUSEPORT the kernel dealt them by address hash and 4 associations
+    # from one sender often all landed on one process.
+    shared_listener: socket.socket | None = None
     # The listen backlog (socketserver's default is 5): a burst of connects
     # waits in the kernel, costing no thread, until accepted or refused by
     # admit(); with 5, the rest of a burst waits on SYN retries instead.
@@ -266,9 +271,17 @@ class NodeServer(ThreadedAssociationServer):
     on_tls_failure: Callable[[Any, str], None] | None = None
 
     def server_bind(self) -> None:
-        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            self._listener().setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        shared = self.shared_listener
+        if shared is None:
+            super().server_bind()
+            return
+        self._listener().close()  # the one socketserver made: unused
+        self.socket = shared
+        self.server_address = shared.getsockname()
+
+    def server_activate(self) -> None:
+        if self.shared_listener is None:
+            super().server_activate()
 
     def _listener(self) -> socket.socket:
         # socketserver sets it in __init__; pynetdicom types it Optional.
@@ -277,6 +290,9 @@ class NodeServer(ThreadedAssociationServer):
         return self.socket
 
     def get_request(self) -> tuple[socket.socket, Any]:
+        # A shared listener is non-blocking: when another process took the
+        # connection, accept() raises BlockingIOError, which socketserver
+        # ignores (an OSError from get_request) until the next one.
         client, address = self._listener().accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None:
@@ -359,18 +375,22 @@ def tls_reason(exc: BaseException) -> str:
     return f"{reason}: {detail}" if detail else str(reason)
 
 
-_SERVER_CLASSES: dict[bool, type[NodeServer]] = {}
+def server_class(*, shared_listener: socket.socket | None = None) -> type[NodeServer]:
+    """The server class for ``AE.make_server``: NodeServer itself, or a
+    subclass adopting ``shared_listener`` (bind runs in the constructor, so
+    the socket is a class attribute of a subclass made for it instead of a
+    mutation of NodeServer shared by every server)."""
+    if shared_listener is None:
+        return NodeServer
+    return type("NodeServerShared", (NodeServer,), {"shared_listener": shared_listener})
 
 
-def server_class(*, reuse_port: bool) -> type[NodeServer]:
-    """The server class for ``AE.make_server``.  SO_REUSEPORT (several
-    receiver processes on one port) must be set before bind, which runs in
-    the constructor, so it is a class attribute of a subclass made once per
-    value instead of a mutation of NodeServer shared by every server."""
-    if reuse_port not in _SERVER_CLASSES:
-        _SERVER_CLASSES[reuse_port] = type("NodeServerReusePort" if reuse_port else "NodeServerOwnPort",
-                                           (NodeServer,), {"reuse_port": reuse_port})
-    return _SERVER_CLASSES[reuse_port]
+def shared_listener(host: str, port: int) -> socket.socket:
+    """A listening socket for several receiver processes (see NodeServer)."""
+    sock = socket.create_server((host, port), backlog=NodeServer.request_queue_size,
+                                family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setblocking(False)
+    return sock
 
 
 def register_server(ae: ApplicationEntity, server: AssociationServer) -> None:

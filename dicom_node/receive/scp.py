@@ -94,13 +94,14 @@ class Receiver:
     """Owns the pynetdicom AE and its server thread."""
 
     def __init__(self, config: Config, store: Store, spool: Spool, metrics: Metrics,
-                 *, reuse_port: bool = False, warn: bool = True) -> None:
+                 *, listener: socket.socket | None = None, warn: bool = True) -> None:
         self.warn = warn
         self.config = config
         self.store = store
         self.spool = spool
         self.metrics = metrics
-        self.reuse_port = reuse_port
+        # The listening socket shared with the other receiver processes, if any.
+        self.listener = listener
         self._server: compat.NodeServer | None = None
         # Associations we admitted (reserved in _on_requested, so two at once
         # cannot both take the last slot) -> calling AE.  Pruned of dead
@@ -161,7 +162,7 @@ class Receiver:
         ]
         server = cast(compat.NodeServer, self.ae.make_server(
             (node.host, node.port), evt_handlers=cast(Any, handlers),
-            server_class=compat.server_class(reuse_port=self.reuse_port), ssl_context=self._tls_context()))
+            server_class=compat.server_class(shared_listener=self.listener), ssl_context=self._tls_context()))
         server.on_tls_failure = self._on_tls_failure
         server.admit = self._admit
         server.contexts = compat.SharedContexts(server.contexts)
