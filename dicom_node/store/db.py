@@ -269,6 +269,7 @@ class Store:
         self.synchronous = synchronous
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = _write_lock(path)
         self._local = threading.local()
         # executescript manages its own transaction.
         self._conn().executescript(_SCHEMA)
@@ -296,7 +297,7 @@ class Store:
         # handler, which sleeps 1, 2, 5, 10... ms between tries: with several
         # associations recording instances at once those naps, not the
         # commits, set the pace.  Other processes still meet the handler.
-        with _write_lock(self.path):
+        with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn

@@ -91,26 +91,32 @@ class FolderSyncs:
         state.done = max(state.done, covers)
 
 
-def atomic_write(target: Path, data: bytes | memoryview, tmp_dir: Path, *, durable: bool = True) -> None:
-    """Write to a temporary name, fsync, rename over ``target``, fsync the folder.
-
-    A crash leaves either the old file, the new file, or an orphan in
-    ``tmp_dir`` (cleaned at start), never a half-written target.
-    """
+def _write_part(tmp_dir: Path, data: bytes | memoryview, *, sync: bool) -> Path:
+    """``data`` under a new temporary name in ``tmp_dir`` (fsynced if
+    ``sync``); nothing left behind on an error."""
     tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         view = memoryview(data)
         while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        if durable:
+            view = view[os.write(fd, view):]
+        if sync:
             os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
+    return tmp
+
+
+def atomic_write(target: Path, data: bytes | memoryview, tmp_dir: Path, *, durable: bool = True) -> None:
+    """Write to a temporary name, fsync, rename over ``target``, fsync the folder.
+
+    A crash leaves either the old file, the new file, or an orphan in
+    ``tmp_dir`` (cleaned at start), never a half-written target.
+    """
+    tmp = _write_part(tmp_dir, data, sync=durable)
     try:
         os.replace(tmp, target)
     except BaseException:
@@ -149,15 +155,7 @@ class DurableBatch:
         return self
 
     def write(self, target: Path, data: bytes | memoryview) -> None:
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        self._pending.append((tmp, target))
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        self._pending.append((_write_part(self.tmp_dir, data, sync=False), target))
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -198,34 +196,30 @@ class Spool:
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
 
     def write(self, path: Path, data: bytes | memoryview) -> None:
+        self._folder_for(path)
+        atomic_write(path, data, self.tmp, durable=self.durable)
+
+    def _folder_for(self, path: Path) -> Path:
+        """The series folder of ``path``, made (durably) if it is not there.
+        Asked every time (one stat) rather than cached: retention may have
+        removed the folder of a finished series since the last write."""
         folder = path.parent
-        # Asked every time (one stat) rather than cached: retention may have
-        # removed the folder of a finished series since the last write.
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             if self.durable:
                 # The new folders' entries must survive a crash too.
                 fsync_dir(folder.parent)
                 fsync_dir(folder.parent.parent)
-        atomic_write(path, data, self.tmp, durable=self.durable)
+        return folder
 
     def adopt(self, src: Path, path: Path) -> None:
         """Move a complete file already in ``self.tmp`` (a dataset the
         receiver wrote there as it arrived) to ``path`` with write()'s
         guarantees but no copy: fsync it, rename it over any earlier copy,
         fsync the folder.  ``src`` must be on the spool's file system."""
-        folder = path.parent
-        if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            if self.durable:
-                fsync_dir(folder.parent)
-                fsync_dir(folder.parent.parent)
+        folder = self._folder_for(path)
         if self.durable:
-            fd = os.open(src, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_path(src)
         os.replace(src, path)
         if self.durable:
             self._folder_syncs.sync(folder)
