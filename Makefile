@@ -4,7 +4,9 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml synthetic/pyproject.toml | cksum | cut -d' ' -f1)
 PEERS   := storescu echoscu storescp dciodvfy Orthanc promtool systemd-analyze openssl chromium npm
-APT_PKGS := dcmtk orthanc orthanc-dicomweb dicom3tools prometheus systemd openssl chromium fonts-dejavu-core npm
+APT_PKGS := dcmtk orthanc orthanc-dicomweb dicom3tools prometheus systemd openssl chromium fonts-dejavu-core
+# Debian's npm, only where no npm is installed: it conflicts with NodeSource's nodejs, which bundles one.
+APT_NPM := $(if $(shell command -v npm),,npm)
 # Test peers that are files, not commands on PATH (Orthanc plugins).
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 # A real Triton Inference Server for tests/test_kserve.py, in its own venv
@@ -44,8 +46,8 @@ test-peers:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing test peers (missing:$$missing)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
-	  else echo "missing:$$missing; run: sudo apt-get install $(APT_PKGS)"; exit 1; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS) $(APT_NPM) >/dev/null; \
+	  else echo "missing:$$missing; run: sudo apt-get install $(APT_PKGS) $(APT_NPM)"; exit 1; fi; \
 	fi
 
 ohif: $(OHIF_DIST)/index.html

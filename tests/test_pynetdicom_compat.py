@@ -64,6 +64,16 @@ def test_check_notices_a_changed_pdu_read(monkeypatch):
         compat.check()
 
 
+def test_check_notices_a_renamed_idle_timer(monkeypatch):
+    def renamed_timer(self, assoc):  # _run_loop_delay kept, the idle timer renamed
+        self._run_loop_delay = 0.001
+        self.network_timer = None
+
+    monkeypatch.setattr(dul.DULServiceProvider, "__init__", renamed_timer)
+    with pytest.raises(compat.CompatError, match="install_pdu_reader"):
+        compat.check()
+
+
 # -- the patches ------------------------------------------------------------------------
 
 def test_shared_contexts_copy_shallowly():
@@ -118,6 +128,35 @@ def test_install_pdu_reader_replaces_the_transports_recv():
         theirs.sendall(struct.pack(">BBL", 0x05, 0, 4) + bytes(4))  # A-RELEASE-RQ
         assert assoc.dul.socket.recv(6)[:1] == b"\x05"
         assert assoc.dul.socket.recv(4) == bytes(4)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_reading_a_pdu_holds_the_idle_timer_until_the_dul_restarts_it():
+    """A stalled PDU is timed by our reader from its first byte; pynetdicom's
+    idle timer, started at the previous PDU, must not expire under it."""
+    assoc = Association(AE(), "requestor")
+    ours, theirs = socket.socketpair()
+    try:
+        from pynetdicom.transport import AssociationSocket
+
+        assoc.dul.socket = AssociationSocket(assoc, client_socket=ours)
+        reader = BoundedPduReader(ours, PduLimits(max_pdu=16384, network_timeout_s=2),
+                                  lambda *_: None, lambda: True)
+        compat.install_pdu_reader(assoc, reader)
+        idle = assoc.dul._idle_timer
+        idle.timeout = 0.05
+        idle.start()
+        theirs.sendall(struct.pack(">BBL", 0x05, 0, 4))
+        time.sleep(0.1)
+        assert idle.expired  # unheld, it would abort the association now
+        assoc.dul.socket.recv(6)
+        time.sleep(0.1)
+        assert not idle.expired  # held while the PDU's body is awaited
+        idle.restart()  # what the DUL does once the PDU is in
+        time.sleep(0.1)
+        assert idle.expired
     finally:
         ours.close()
         theirs.close()

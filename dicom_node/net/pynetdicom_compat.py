@@ -36,6 +36,7 @@ from pynetdicom import _config, dimse_messages, dul, evt, service_class, transpo
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.timer import Timer
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
@@ -94,9 +95,13 @@ def check() -> None:
     reader = _source(dul.DULServiceProvider._read_pdu_data)
     _require("install_pdu_reader", "self.socket.recv(6)" in reader
              and "self.socket.recv(pdu_length)" in reader
+             and "self._idle_timer.restart()" in reactor
+             and "self._idle_timer = Timer(" in _source(dul.DULServiceProvider.__init__)
+             and all(callable(getattr(Timer, name, None)) for name in ("start", "stop"))
              and all(message in reader for message in _SHORT_READ)
              and list(inspect.signature(transport.AssociationSocket.recv).parameters) == ["self", "nr_bytes"],
-             "the DUL no longer reads a PDU as recv(6) then recv(pdu_length)")
+             "the DUL no longer reads a PDU as recv(6) then recv(pdu_length), restarting "
+             "its _idle_timer after each")
     _require("NodeServer.get_request",
              list(inspect.signature(AssociationServer.get_request).parameters) == ["self"]
              and "wrap_socket" in _source(AssociationServer.get_request)
@@ -232,13 +237,25 @@ def install_wakeup(assoc: Association, idle_wait_s: float) -> None:
 
 def install_pdu_reader(assoc: Association, reader: BoundedPduReader) -> None:
     """Make this association's transport read PDUs through ``reader``
-    (replaces ``AssociationSocket.recv`` on the instance)."""
+    (replaces ``AssociationSocket.recv`` on the instance).
+
+    While a PDU is being read, the reader's deadline is the network timeout:
+    pynetdicom's idle timer is held (started and stopped, so it reads as not
+    expired) and restarted by the DUL once the PDU is in.  Otherwise both
+    timers run, the idle one started a PDU earlier, and the association
+    reactor aborts a stalled PDU first, without our reason or count."""
     transport_socket = assoc.dul.socket
     if transport_socket is None:
         raise ValueError("association has no transport socket yet")
+    idle: Timer = assoc.dul._idle_timer
+
+    def recv(_self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
+        idle.start()
+        idle.stop()
+        return reader.recv(nr_bytes)
+
     # An instance attribute over the method, on purpose: this socket only.
-    transport_socket.recv = types.MethodType(  # type: ignore[method-assign]
-        lambda _self, n: reader.recv(n), transport_socket)
+    transport_socket.recv = types.MethodType(recv, transport_socket)  # type: ignore[method-assign]
 
 
 # -- 4. the server: TLS handshake in the connection's thread, a connection cap -----
