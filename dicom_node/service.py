@@ -12,7 +12,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import sqlite3
 import threading
 import time
@@ -58,7 +57,7 @@ def worker_main(config: Config, name: str, log_level: str, json_logs: bool) -> N
 
 
 def receiver_main(config: Config, name: str, log_level: str, json_logs: bool,
-                  listener: socket.socket) -> None:
+                  listener: pynetdicom_compat.SharedListener) -> None:
     """Entry point of an extra receiver process accepting from the node's
     listening socket (passed by the parent)."""
     setup_logging(log_level, json_logs)
@@ -88,6 +87,7 @@ def _forget_process(pid: int | None) -> None:
 class _WorkerSlot:
     name: str
     role: str = "worker"
+    receiver_index: int = 0  # its post on the shared listener's board (0: the node's own)
     process: BaseProcess | None = None
     restarts: int = 0
     last_start: float = 0.0
@@ -116,7 +116,7 @@ class Node:
         self.receive_store = Store(data.db, synchronous="NORMAL")
         node = self.config.node
         # Several receiver processes accept from one listening socket.
-        self.listener = (pynetdicom_compat.shared_listener(node.host, node.port)
+        self.listener = (pynetdicom_compat.open_shared_listener(node.host, node.port, node.receivers)
                          if node.receivers > 1 else None)
         self.receiver = Receiver(self.config, self.receive_store, self.spool, self.metrics,
                                  listener=self.listener)
@@ -126,7 +126,7 @@ class Node:
         self.model_problems: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
         self._workers = [_WorkerSlot(f"worker-{i}") for i in range(self.config.node.workers)]
-        self._workers += [_WorkerSlot(f"receiver-{i}", role="receiver")
+        self._workers += [_WorkerSlot(f"receiver-{i}", role="receiver", receiver_index=i)
                           for i in range(1, self.config.node.receivers)]
         self._ctx = mp.get_context("spawn")
         status = StatusPage(self.config, self.store, lambda: self.http.readiness(),
@@ -228,7 +228,10 @@ class Node:
         if slot.role == "worker":
             proc = self._ctx.Process(target=worker_main, name=slot.name, args=args)
         else:  # spawn passes the socket by duplicating its descriptor
-            proc = self._ctx.Process(target=receiver_main, name=slot.name, args=(*args, self.listener))
+            if self.listener is None:
+                raise RuntimeError(f"{slot.name}: no shared listener (node.receivers is 1)")
+            listener = self.listener.for_process(slot.receiver_index)
+            proc = self._ctx.Process(target=receiver_main, name=slot.name, args=(*args, listener))
         proc.start()
         slot.process = proc
         slot.last_start = time.time()

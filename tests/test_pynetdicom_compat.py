@@ -11,6 +11,8 @@ import struct
 import threading
 import time
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pynetdicom
@@ -71,6 +73,17 @@ def test_check_notices_a_renamed_idle_timer(monkeypatch):
 
     monkeypatch.setattr(dul.DULServiceProvider, "__init__", renamed_timer)
     with pytest.raises(compat.CompatError, match="install_pdu_reader"):
+        compat.check()
+
+
+def test_check_notices_an_association_accept_that_no_longer_reaches_sta6(monkeypatch):
+    from pynetdicom import fsm
+
+    def accept_elsewhere(dul):
+        return "Sta6b"
+
+    monkeypatch.setattr(fsm, "AE_7", accept_elsewhere)
+    with pytest.raises(compat.CompatError, match="negotiated"):
         compat.check()
 
 
@@ -162,38 +175,120 @@ def test_reading_a_pdu_holds_the_idle_timer_until_the_dul_restarts_it():
         theirs.close()
 
 
-def test_two_servers_share_one_listener_and_each_accepts_from_it():
-    """Two servers (as in two receiver processes) on one non-blocking
-    listening socket: both serve; the one that loses an accept race waits
-    for the next connection instead of blocking or failing."""
+@contextmanager
+def _servers_on_one_listener(count: int) -> Iterator[tuple[int, list]]:
+    """``count`` echo servers (as in receiver processes) on one shared listener."""
     assert compat.server_class() is compat.NodeServer and compat.NodeServer.shared_listener is None
-    listener = compat.shared_listener("127.0.0.1", 0)
-    port = listener.getsockname()[1]
+    listener = compat.open_shared_listener("127.0.0.1", 0, count)
+    port = listener.sock.getsockname()[1]
     servers = []
-    for _ in range(2):
-        ae = AE()
-        ae.add_supported_context("1.2.840.10008.1.1")
-        server = ae.make_server(("127.0.0.1", port), server_class=compat.server_class(shared_listener=listener))
-        assert server.socket is listener and server.server_address[1] == port
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        compat.register_server(ae, server)
-        servers.append(server)
     try:
+        for index in range(count):
+            ae = AE()
+            ae.add_supported_context("1.2.840.10008.1.1")
+            server = ae.make_server(("127.0.0.1", port),
+                                    server_class=compat.server_class(shared_listener=listener.for_process(index)))
+            assert server.socket is listener.sock and server.server_address[1] == port
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            compat.register_server(ae, server)
+            servers.append(server)
+        yield port, servers
+    finally:
+        for server in servers:
+            server.shutdown()
+        listener.sock.close()
+
+
+def _echo_association(port: int):
+    scu = AE()
+    scu.add_requested_context("1.2.840.10008.1.1")
+    assoc = scu.associate("127.0.0.1", port)
+    assert assoc.is_established
+    return assoc
+
+
+def test_two_servers_share_one_listener_and_each_accepts_from_it():
+    """The one that loses an accept race waits for the next connection
+    instead of blocking or failing."""
+    with _servers_on_one_listener(2) as (port, servers):
         served = set()
         for server in servers:
             server.bind(evt.EVT_C_ECHO, lambda event, s=server: served.add(id(s)) or 0x0000)
         for _ in range(20):
-            scu = AE()
-            scu.add_requested_context("1.2.840.10008.1.1")
-            assoc = scu.associate("127.0.0.1", port)
-            assert assoc.is_established
+            assoc = _echo_association(port)
             assert assoc.send_c_echo().Status == 0x0000
             assoc.release()
         assert len(served) >= 1
+
+
+def test_associations_held_open_at_once_land_on_two_servers():
+    with _servers_on_one_listener(2) as (port, servers):
+        split = 0
+        for _ in range(10):
+            first = _echo_association(port)
+            second = _echo_association(port)
+            loads = sorted(server.open_connections() for server in servers)
+            split += loads == [1, 1]
+            first.release()
+            second.release()
+            wait_until = time.monotonic() + 5
+            while any(server.open_connections() for server in servers) and time.monotonic() < wait_until:
+                time.sleep(0.01)
+        assert split >= 9, f"{split} of 10 pairs split across the two servers"
+
+
+def test_a_loaded_server_leaves_a_waiting_connection_to_an_idle_one_for_a_bounded_time():
+    listener = compat.open_shared_listener("127.0.0.1", 0, 2)
+    ae = AE()
+    ae.add_supported_context("1.2.840.10008.1.1")
+    port = listener.sock.getsockname()[1]
+    server = ae.make_server(("127.0.0.1", port),
+                            server_class=compat.server_class(shared_listener=listener.for_process(0)))
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        server._pending.add(1)  # one connection open here; process 1 posted none
+        start = time.monotonic()
+        deferred = 0
+        while True:
+            try:
+                accepted, _ = server.get_request()
+                break
+            except BlockingIOError:
+                deferred += 1
+        took = time.monotonic() - start
+        accepted.close()
+        assert deferred >= 5 and compat._MAX_DEFER_S <= took < 0.5, (deferred, took)
+        assert listener.loads[0] == 1
     finally:
-        for server in servers:
-            server.shutdown()
-        listener.close()
+        client.close()
+        server.server_close()
+
+
+def test_the_load_board_compares_with_the_other_processes_only():
+    listener = compat.open_shared_listener("127.0.0.1", 0, 3)
+    try:
+        first, second = listener.for_process(0), listener.for_process(1)
+        first.post(2)
+        second.post(2)
+        assert first.lighter_elsewhere(2)  # process 2 has posted nothing yet: 0
+        listener.for_process(2).post(3)
+        assert not first.lighter_elsewhere(2)  # its own post is not compared
+        assert second.lighter_elsewhere(3) and not second.lighter_elsewhere(2)
+        with pytest.raises(ValueError, match="receiver index 3"):
+            listener.for_process(3)
+    finally:
+        listener.sock.close()
+
+
+def test_a_deferral_lasts_a_bounded_time_per_waiting_connection():
+    deferral = compat._Deferral()
+    start = time.monotonic()
+    while deferral.may_defer():
+        time.sleep(compat._DEFER_NAP_S)
+        assert time.monotonic() - start < 1
+    assert time.monotonic() - start >= compat._MAX_DEFER_S
+    time.sleep(10 * compat._DEFER_NAP_S)  # a later connection: deferred afresh
+    assert deferral.may_defer()
 
 
 def test_register_server_lets_pynetdicom_shut_it_down():
@@ -317,3 +412,14 @@ def test_short_read_after_our_abort_is_not_logged_again(tmp_path, monkeypatch, c
         thread.start()
         thread.join(5)
     assert seen == ["logged"]  # only where the abort was not ours
+
+
+def test_negotiated_as_soon_as_the_dul_has_sent_the_accept():
+    """A peer answering our A-ASSOCIATE-AC at once is read before the
+    association's thread sets is_established; its first P-DATA must be timed
+    by the network timeout, not as negotiation."""
+    assoc = Association(AE(), "acceptor")
+    assoc.dul.state_machine.transition("Sta3")  # request received, answer not sent
+    assert not compat.negotiated(assoc)
+    assoc.dul.state_machine.transition("Sta6")  # AC sent by the DUL (AE-7)
+    assert not assoc.is_established and compat.negotiated(assoc)

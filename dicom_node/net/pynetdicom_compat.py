@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import multiprocessing
 import select
 import socket
 import ssl
@@ -28,11 +29,12 @@ import threading
 import time
 import types
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
 import pynetdicom
-from pynetdicom import _config, dimse_messages, dul, evt, service_class, transport
+from pynetdicom import _config, dimse_messages, dul, evt, fsm, service_class, transport
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
@@ -42,7 +44,8 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
 
 __all__ = ["SUPPORTED", "CompatError", "check", "SharedContexts", "install_wakeup",
-           "install_pdu_reader", "NodeServer", "server_class", "shared_listener", "register_server",
+           "install_pdu_reader", "negotiated", "NodeServer", "server_class", "SharedListener", "open_shared_listener",
+           "register_server",
            "configure_process", "discard_partial_dataset", "received_write_error"]
 
 log = logging.getLogger("dicom_node.net")
@@ -102,6 +105,9 @@ def check() -> None:
              and list(inspect.signature(transport.AssociationSocket.recv).parameters) == ["self", "nr_bytes"],
              "the DUL no longer reads a PDU as recv(6) then recv(pdu_length), restarting "
              "its _idle_timer after each")
+    _require("negotiated", all('return "Sta6"' in _source(action) for action in (fsm.AE_3, fsm.AE_7))
+             and "current_state" in _source(fsm.StateMachine.__init__),
+             "sending or receiving A-ASSOCIATE-AC no longer moves the state machine to Sta6")
     _require("NodeServer.get_request",
              list(inspect.signature(AssociationServer.get_request).parameters) == ["self"]
              and "wrap_socket" in _source(AssociationServer.get_request)
@@ -235,6 +241,17 @@ def install_wakeup(assoc: Association, idle_wait_s: float) -> None:
 
 # -- 3. the bounded PDU reader -------------------------------------------------------
 
+def negotiated(assoc: Association) -> bool:
+    """Whether the association is past negotiation, as the DUL sees it.
+
+    ``is_established`` is set by the association's thread after it handed
+    the A-ASSOCIATE-AC to the DUL; a peer answering the AC at once is read by
+    the DUL before that, and its first P-DATA was timed as negotiation (the
+    ACSE timeout, and the wrong reason).  The DUL's own state moves to Sta6
+    when it sends or receives the AC, before it reads the next PDU."""
+    return bool(assoc.is_established) or assoc.dul.state_machine.current_state == "Sta6"
+
+
 def install_pdu_reader(assoc: Association, reader: BoundedPduReader) -> None:
     """Make this association's transport read PDUs through ``reader``
     (replaces ``AssociationSocket.recv`` on the instance).
@@ -275,10 +292,10 @@ class NodeServer(ThreadedAssociationServer):
 
     # A listening socket shared by the node's receiver processes, set on a
     # subclass by server_class(), never mutated here.  Each process accepts
-    # from it when it is free, so connections go to whichever is idle; with
-    # SO_REUSEPORT the kernel dealt them by address hash and 4 associations
-    # from one sender often all landed on one process.
-    shared_listener: socket.socket | None = None
+    # from it, leaving a connection to a less loaded one (see SharedListener);
+    # with SO_REUSEPORT the kernel dealt them by address hash and 4
+    # associations from one sender often all landed on one process.
+    shared_listener: SharedListener | None = None
     # The listen backlog (socketserver's default is 5): a burst of connects
     # waits in the kernel, costing no thread, until accepted or refused by
     # admit(); with 5, the rest of a burst waits on SYN retries instead.
@@ -293,8 +310,8 @@ class NodeServer(ThreadedAssociationServer):
             super().server_bind()
             return
         self._listener().close()  # the one socketserver made: unused
-        self.socket = shared
-        self.server_address = shared.getsockname()
+        self.socket = shared.sock
+        self.server_address = shared.sock.getsockname()
 
     def server_activate(self) -> None:
         if self.shared_listener is None:
@@ -309,7 +326,15 @@ class NodeServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         # A shared listener is non-blocking: when another process took the
         # connection, accept() raises BlockingIOError, which socketserver
-        # ignores (an OSError from get_request) until the next one.
+        # ignores (an OSError from get_request) until the next one.  So does
+        # a connection left to a less loaded process.
+        shared = self.shared_listener
+        if shared is not None:
+            load = self.open_connections()
+            shared.post(load)
+            if shared.lighter_elsewhere(load) and self._deferral.may_defer():
+                time.sleep(_DEFER_NAP_S)
+                raise BlockingIOError("left to a less loaded receiver process")
         client, address = self._listener().accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None:
@@ -326,7 +351,10 @@ class NodeServer(ThreadedAssociationServer):
         self._pending: set[int] = set()
         # Handed over: counted until their thread has ended.
         self._handed: set[Association] = set()
+        self._deferral = _Deferral()
         self.bind(evt.EVT_CONN_OPEN, self._handed_over)
+        if self.shared_listener is not None:
+            self.bind(evt.EVT_CONN_CLOSE, self._closing)
 
     def open_connections(self) -> int:
         """Connections open now: negotiating or established."""
@@ -348,6 +376,13 @@ class NodeServer(ThreadedAssociationServer):
                 self._pending.discard(id(transport_socket.socket))
             self._handed.add(event.assoc)
 
+    def _closing(self, event: evt.Event) -> None:
+        # EVT_CONN_CLOSE, while the closing association's thread still runs:
+        # post the load without it, so that a process whose associations
+        # ended is not passed over for the next connection.
+        if self.shared_listener is not None:
+            self.shared_listener.post(max(0, self.open_connections() - 1))
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         with self._count_lock:
             count = self._count()
@@ -355,6 +390,9 @@ class NodeServer(ThreadedAssociationServer):
             return False
         with self._count_lock:
             self._pending.add(id(request))
+            load = self._count()
+        if self.shared_listener is not None:
+            self.shared_listener.post(load)
         return True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -392,7 +430,57 @@ def tls_reason(exc: BaseException) -> str:
     return f"{reason}: {detail}" if detail else str(reason)
 
 
-def server_class(*, shared_listener: socket.socket | None = None) -> type[NodeServer]:
+# How long a receiver process leaves a waiting connection to a less loaded
+# one before taking it itself (that one may be busy in Python and slow to
+# accept), and its nap between looks.
+_MAX_DEFER_S = 0.02
+_DEFER_NAP_S = 0.001
+
+
+class _Deferral:
+    """Times one run of deferrals: looks closer together than a few naps
+    belong to one waiting connection, which is deferred for _MAX_DEFER_S."""
+
+    def __init__(self) -> None:
+        self._first = self._last = -1.0
+
+    def may_defer(self) -> bool:
+        now = time.monotonic()
+        if now - self._last > 5 * _DEFER_NAP_S:
+            self._first = now
+        self._last = now
+        return now - self._first < _MAX_DEFER_S
+
+
+@dataclass(frozen=True)
+class SharedListener:
+    """One listening socket for the node's receiver processes, and a board
+    in shared memory where each posts how many connections it has open.
+
+    Every process's server wakes for a waiting connection; one that sees a
+    less loaded process leaves it to that one for up to _MAX_DEFER_S.
+    First come, first served put two or three of one sender's associations
+    on one process in a third of the runs, halving what they got.  Posts
+    are made on accept and on close, so a stale count can only make another
+    look busier than it is (this process then accepts, as before)."""
+
+    sock: socket.socket
+    loads: Any  # multiprocessing RawArray of int, one per receiver process
+    index: int = 0
+
+    def for_process(self, index: int) -> SharedListener:
+        if not 0 <= index < len(self.loads):
+            raise ValueError(f"receiver index {index} outside 0..{len(self.loads) - 1}")
+        return replace(self, index=index)
+
+    def post(self, load: int) -> None:
+        self.loads[self.index] = load
+
+    def lighter_elsewhere(self, load: int) -> bool:
+        return any(other < load for i, other in enumerate(self.loads) if i != self.index)
+
+
+def server_class(*, shared_listener: SharedListener | None = None) -> type[NodeServer]:
     """The server class for ``AE.make_server``: NodeServer itself, or a
     subclass adopting ``shared_listener`` (bind runs in the constructor, so
     the socket is a class attribute of a subclass made for it instead of a
@@ -402,12 +490,15 @@ def server_class(*, shared_listener: socket.socket | None = None) -> type[NodeSe
     return type("NodeServerShared", (NodeServer,), {"shared_listener": shared_listener})
 
 
-def shared_listener(host: str, port: int) -> socket.socket:
-    """A listening socket for several receiver processes (see NodeServer)."""
+def open_shared_listener(host: str, port: int, processes: int) -> SharedListener:
+    """A listening socket for ``processes`` receiver processes, posted as
+    index 0 (the opener's); see SharedListener."""
     sock = socket.create_server((host, port), backlog=NodeServer.request_queue_size,
                                 family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setblocking(False)
-    return sock
+    # spawn passes a RawArray to the child processes it starts with it.
+    loads = multiprocessing.get_context("spawn").RawArray("i", processes)
+    return SharedListener(sock, loads)
 
 
 def register_server(ae: ApplicationEntity, server: AssociationServer) -> None:

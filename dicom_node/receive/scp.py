@@ -94,7 +94,7 @@ class Receiver:
     """Owns the pynetdicom AE and its server thread."""
 
     def __init__(self, config: Config, store: Store, spool: Spool, metrics: Metrics,
-                 *, listener: socket.socket | None = None, warn: bool = True) -> None:
+                 *, listener: compat.SharedListener | None = None, warn: bool = True) -> None:
         self.warn = warn
         self.config = config
         self.store = store
@@ -233,7 +233,7 @@ class Receiver:
         host = _host(event.address)  # type: ignore[attr-defined]  # EVT_CONN_OPEN carries it
         reader = BoundedPduReader(transport.socket, self._limits,
                                   lambda label, reason: self._on_violation(host, label, reason),
-                                  lambda: bool(assoc.is_established))
+                                  lambda: compat.negotiated(assoc))
         compat.install_pdu_reader(assoc, reader)
         compat.install_wakeup(assoc, DUL_IDLE_WAIT_S)
 

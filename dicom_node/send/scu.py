@@ -67,7 +67,7 @@ def _tuner(limits: PduLimits, peer_name: str) -> evt.EventHandlerType:
             return
         tune_socket(transport.socket, limits.network_timeout_s)
         reader = BoundedPduReader(transport.socket, limits, on_violation,
-                                  lambda: bool(assoc.is_established))
+                                  lambda: compat.negotiated(assoc))
         compat.install_pdu_reader(assoc, reader)
         compat.install_wakeup(assoc, DUL_IDLE_WAIT_S)
     return (evt.EVT_CONN_OPEN, tune)
