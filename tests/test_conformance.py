@@ -322,6 +322,15 @@ def test_secondary_captures_carry_the_body_part_and_no_empty_laterality(results)
         assert sc.BodyPartExamined == part and "Laterality" not in sc, pipeline
 
 
+def test_secondary_captures_reference_the_image_they_were_drawn_from(results):
+    for pipeline in ("cxr_triage", "cardiac_seg"):
+        [sc] = [ds for ds in results[pipeline] if ds.Modality == "OT"]
+        [source] = sc.SourceImageSequence
+        inputs = {str(ds.SOPInstanceUID): ds for ds in results["inputs"][pipeline]}
+        image = inputs[str(source.ReferencedSOPInstanceUID)]
+        assert source.ReferencedSOPClassUID == image.SOPClassUID, pipeline
+
+
 def test_phase_segs_are_each_in_their_own_series_and_stable(results):
     segs = [ds for ds in results["cardiac_seg"] if ds.Modality == "SEG"]
     assert [s.ContentLabel for s in segs] == ["ED_PHASE", "ES_PHASE"]

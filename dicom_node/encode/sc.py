@@ -76,6 +76,12 @@ def secondary_capture(reference: Dataset, rgb: np.ndarray, prov: Provenance, *, 
         series_description=description[:64],
     )
     sc.BurnedInAnnotation = "YES"
+    # General Image module: the image the capture was drawn from, so that a
+    # viewer or an auditor can go from the picture to its source.
+    source = Dataset()
+    source.ReferencedSOPClassUID = reference.SOPClassUID
+    source.ReferencedSOPInstanceUID = reference.SOPInstanceUID
+    sc.SourceImageSequence = [source]
     _body_part_and_laterality(reference, sc)
     sc.ContributingEquipmentSequence = [prov.contributing_equipment()]
     sc.ContributingEquipmentSequence[0].DeviceUID = prov.device_uid

@@ -293,7 +293,7 @@ def classify(image: np.ndarray, model: InferenceModel) -> Classified:
     assert c is not None
     scored = manifest.output(c.output)
     names = [scored.name] + ([c.heatmap_output] if c.heatmap_output else [])
-    x = image.astype(np.float32)[None, None]
+    x = image.astype(np.float32, copy=False)[None, None]  # a view: fit and normalize copy
     fitted = fit(_channels(x, manifest), manifest.geometry, manifest.fixed_size)
     xn = normalize(fitted.batch, manifest)
     if manifest.geometry.fit == "dynamic":
