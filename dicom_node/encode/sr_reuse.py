@@ -49,6 +49,9 @@ _PIXEL_DATA = 0x7FE00010
 class _Template:
     sr: Dataset
     uids: Mapping[str, str]
+    # id() of every dataset of ``sr`` holding (or above one holding) what a
+    # derived SR changes; the rest is shared by the SRs derived from it.
+    changing: frozenset[int]
 
 
 class ReportTemplates:
@@ -68,10 +71,11 @@ class ReportTemplates:
         template = self._built.get(kind)
         if template is None:
             sr = build()
-            self._built[kind] = _Template(_copy(sr), dict(uids))
+            own = _copy(sr)
+            self._built[kind] = _Template(own, dict(uids), _changing(own, set(uids.values())))
             return sr
         renamed = {template.uids[role]: uid for role, uid in uids.items()}
-        sr = _copy(template.sr)
+        sr = _copy(template.sr, template.changing)
         _replace_uids(sr, renamed)
         if hasattr(sr, "file_meta"):  # MediaStorageSOPInstanceUID
             _replace_uids(sr.file_meta, renamed)
@@ -80,22 +84,48 @@ class ReportTemplates:
         return sr
 
 
-def _copy(ds: Dataset) -> Dataset:
-    """An independent copy: new elements and sequences, values shared where
-    they are immutable (strings, numbers) and copied where not (multi-values).
+def _copy(ds: Dataset, only: frozenset[int] | None = None) -> Dataset:
+    """A copy: new elements and sequences, values shared where they are
+    immutable (strings, numbers) and copied where not (multi-values).
     copy.deepcopy does the same at ten times the cost, through pydicom's and
-    highdicom's __deepcopy__ and a memo of every object."""
+    highdicom's __deepcopy__ and a memo of every object.  With ``only``,
+    items whose id() is not in it are shared, not copied: nothing changes
+    them (see _changing), and the SRs are written, never edited, after."""
     out = Dataset()
     for elem in ds:
         twin = copy.copy(elem)  # the element object only, no value conversion
         if elem.VR == "SQ":
-            twin.value = [_copy(item) for item in elem.value]
+            twin.value = [_copy(item, only) if only is None or id(item) in only else item
+                          for item in elem.value]
         elif isinstance(elem.value, list):  # MultiValue
             twin.value = copy.copy(elem.value)
         out.add(twin)
     if hasattr(ds, "file_meta"):
         out.file_meta = FileMetaDataset(_copy(ds.file_meta))
     return out
+
+
+def _changing(sr: Dataset, uids: set[str]) -> frozenset[int]:
+    """id() of the datasets of ``sr`` that a derived SR changes, or that
+    contain one: those with a UI value among ``uids`` (_replace_uids), NUM
+    items (_replace_values), a ContributionDateTime (_stamp_times), and the
+    root."""
+    found: set[int] = {id(sr)}
+
+    def walk(ds: Dataset) -> bool:
+        changes = ds.get("ValueType") == "NUM" or "ContributionDateTime" in ds
+        for elem in ds:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    changes = walk(item) or changes
+            elif elem.VR == "UI" and isinstance(elem.value, str) and elem.value in uids:
+                changes = True
+        if changes:
+            found.add(id(ds))
+        return changes
+
+    walk(sr)
+    return frozenset(found)
 
 
 def _header_key(ds: Dataset) -> tuple[tuple[int, str], ...]:
