@@ -2,9 +2,10 @@
 storescu to dcmtk's storescp, to Orthanc (synchronous storage, fsync per
 file) and to dicom-node, all writing to disk, in one run, over 1, 2 and 4
 concurrent associations.  Prints instances/s, MB/s, the ratios to storescp
-and Orthanc, the node's scaling over its own one-association rate, and the
+and Orthanc, the node's scaling over its own one-association rate, the
 disk's durable-write ceiling: the node's write pattern (write, fsync,
-rename, fsync of the folder) alone, from as many threads.  dicom-node
+rename, fsync of the folder) alone, from as many threads, and how the
+associations were spread over the node's receiver processes.  dicom-node
 fsyncs every instance; storescp does not.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--associations 1,2,4] [--receivers 2]
@@ -14,11 +15,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import threading
 import time
 from pathlib import Path
 
-from common import NodeProcess, Orthanc, StoreSCP, cleanup, make_series, storescu_time, workdir
+from common import NodeProcess, Orthanc, StoreSCP, cleanup, make_series, storescu_time, wait_for, workdir
+
+
+_ASSOCIATION_LINE = re.compile(r" (\S+) dicom_node\.\S+: association from \S+ released after "
+                               r"[\d.]+ s: (\d+) instances")
+
+
+def association_split(log: str) -> dict[str, list[int]]:
+    """Process name -> instances of each association it served, from the
+    node's one line per association."""
+    split: dict[str, list[int]] = {}
+    for process, instances in _ASSOCIATION_LINE.findall(log):
+        split.setdefault(process, []).append(int(instances))
+    return split
 
 
 def durable_writes(folder: Path, files: list[Path], threads: int) -> float:
@@ -62,6 +77,7 @@ def main() -> None:
         print(f"series: {len(files)} instances, {mb:.1f} MB")
         counts = [int(a) for a in args.associations.split(",")]
         results: dict[str, float] = {}
+        splits: dict[int, dict[str, list[int]]] = {}
         for n in counts:
             scp = StoreSCP(root / f"storescp-{n}", fork=n > 1)
             results[f"storescp x{n}"] = storescu_time(scp.port, "STORESCP", files, n)
@@ -72,7 +88,11 @@ def main() -> None:
             receivers = 1 if n == 1 else args.receivers
             node = NodeProcess(root / f"node-{n}", routes=[],
                                node={"workers": 0, "receivers": receivers}).start()
+            # Ready means the node's own receiver listens; the others spawn after it.
+            wait_for(lambda node=node, k=receivers: node.log().count("listening for DICOM on") >= k, 60,
+                     what="every receiver process listening")
             results[f"dicom-node x{n}"] = storescu_time(node.port, "DICOM_NODE", files, n)
+            splits[n] = association_split(node.log())
             node.stop()
             results[f"durable writes x{n}"] = durable_writes(root / f"disk-{n}", files, n)
         print(f"{'target':22s} {'inst/s':>8s} {'MB/s':>8s} {'vs storescp':>12s}")
@@ -84,6 +104,8 @@ def main() -> None:
             print(f"x{n}: dicom-node / orthanc {results[f'orthanc x{n}'] / node:.2f}, "
                   f"rate / its own x{counts[0]} rate {results[f'dicom-node x{counts[0]}'] / node:.2f}, "
                   f"/ the durable-write ceiling {results[f'durable writes x{n}'] / node:.2f}")
+            print(f"x{n}: instances per association, by receiver process: "
+                  + ", ".join(f"{name} {counts}" for name, counts in sorted(splits[n].items())))
     finally:
         cleanup(root)
 
