@@ -423,3 +423,34 @@ def test_negotiated_as_soon_as_the_dul_has_sent_the_accept():
     assert not compat.negotiated(assoc)
     assoc.dul.state_machine.transition("Sta6")  # AC sent by the DUL (AE-7)
     assert not assoc.is_established and compat.negotiated(assoc)
+
+
+def test_the_reactor_takes_requests_but_leaves_responses_to_the_waiting_sender():
+    """pynetdicom's reactor could take a C-STORE response meant for the
+    send_c_store waiting on it (a race around its pause checkpoint), which
+    then waited for the DIMSE timeout; with the guard, its non-blocking
+    get_msg takes only requests."""
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    assoc = Association(AE(), "requestor")
+    compat.install_response_guard(assoc)
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo, response.Status = 1, 0x0000
+    request = C_ECHO()
+    request.MessageID, request.AffectedSOPClassUID = 2, "1.2.840.10008.1.1"
+    assert response.is_valid_response and request.is_valid_request
+    assoc.dimse.msg_queue.put((1, response))
+    assert assoc.dimse.get_msg(block=False) == (None, None)  # the reactor's poll
+    assert assoc.dimse.get_msg(block=True) == (1, response)  # the waiting sender
+    assoc.dimse.msg_queue.put((3, request))
+    assert assoc.dimse.get_msg(block=False) == (3, request)
+    assert assoc.dimse.get_msg(block=False) == (None, None)
+
+
+def test_check_notices_a_reactor_that_no_longer_polls_dimse_messages(monkeypatch):
+    def waits_instead(self):
+        self.dimse.get_msg(block=True)
+
+    monkeypatch.setattr(Association, "_run_reactor", waits_instead)
+    with pytest.raises(compat.CompatError, match="install_response_guard"):
+        compat.check()

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pynetdicom
-from pynetdicom import _config, dimse_messages, dul, evt, fsm, service_class, transport
+from pynetdicom import _config, dimse_messages, dimse_primitives, dul, evt, fsm, service_class, transport
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
@@ -44,7 +44,7 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
 
 __all__ = ["SUPPORTED", "CompatError", "check", "SharedContexts", "install_wakeup",
-           "install_pdu_reader", "negotiated", "NodeServer", "server_class", "SharedListener", "open_shared_listener",
+           "install_pdu_reader", "install_response_guard", "negotiated", "NodeServer", "server_class", "SharedListener", "open_shared_listener",
            "register_server",
            "configure_process", "discard_partial_dataset", "received_write_error"]
 
@@ -108,6 +108,15 @@ def check() -> None:
     _require("negotiated", all('return "Sta6"' in _source(action) for action in (fsm.AE_3, fsm.AE_7))
              and "current_state" in _source(fsm.StateMachine.__init__),
              "sending or receiving A-ASSOCIATE-AC no longer moves the state machine to Sta6")
+    reactor_loop = _source(Association._run_reactor)
+    _require("install_response_guard",
+             "self.dimse.get_msg(block=False)" in reactor_loop
+             and "self._reactor_checkpoint.wait()" in reactor_loop
+             and "self._reactor_checkpoint.clear()" in _source(Association.send_c_store)
+             and "self.msg_queue.get(block=block" in _source(pynetdicom.dimse.DIMSEServiceProvider.get_msg)
+             and isinstance(getattr(dimse_primitives.C_STORE, "is_valid_request", None), property),
+             "the association reactor no longer polls DIMSE messages with get_msg(block=False) "
+             "between pauses")
     _require("NodeServer.get_request",
              list(inspect.signature(AssociationServer.get_request).parameters) == ["self"]
              and "wrap_socket" in _source(AssociationServer.get_request)
@@ -237,6 +246,38 @@ def install_wakeup(assoc: Association, idle_wait_s: float) -> None:
     waiting: _WaitingSocket = transport_socket  # type: ignore[assignment]
     waiting._wake, waiting._wake_sender, waiting._idle_wait_s = receiver, sender, idle_wait_s
     provider._run_loop_delay = 0.0
+
+
+# -- 2b. responses kept for the request that waits for them -------------------------
+
+def install_response_guard(assoc: Association) -> None:
+    """Let the association's reactor take only requests from the DIMSE queue,
+    never the response a send_c_store or send_c_echo is waiting for.
+
+    pynetdicom pauses the reactor around each request with a checkpoint, but
+    the reactor marks itself paused just before it waits: when the
+    checkpoint is still set it goes on, and the sender, seeing it marked
+    paused, sends.  The reactor's next get_msg(block=False) can then take
+    the response, drop it as unexpected, and leave the sender waiting for
+    the DIMSE timeout (seen here: one object in about 2000 stalled 30 s, and
+    its association was aborted).  A request at the head of the queue is
+    still served as before."""
+    dimse = assoc.dimse
+    waiting_get = dimse.get_msg
+    messages = dimse.msg_queue
+
+    def get_msg(block: bool = False) -> Any:
+        if block:
+            return waiting_get(block=True)
+        with messages.mutex:
+            if messages.queue and messages.queue[0][1].is_valid_request:
+                item = messages.queue.popleft()
+                messages.not_full.notify()
+                return item
+        return None, None
+
+    # An instance attribute over the method, on purpose: this association only.
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
 
 
 # -- 3. the bounded PDU reader -------------------------------------------------------

@@ -70,6 +70,7 @@ def _tuner(limits: PduLimits, peer_name: str) -> evt.EventHandlerType:
                                   lambda: compat.negotiated(assoc))
         compat.install_pdu_reader(assoc, reader)
         compat.install_wakeup(assoc, DUL_IDLE_WAIT_S)
+        compat.install_response_guard(assoc)
     return (evt.EVT_CONN_OPEN, tune)
 
 
