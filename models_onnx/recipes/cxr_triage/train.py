@@ -279,12 +279,19 @@ class TriageNet(nn.Module):
     ratio of two widths) needs.
     """
 
-    def __init__(self, widths: tuple[int, int, int, int] = (12, 24, 32, 48)) -> None:
+    def __init__(self, widths: tuple[int, int, int, int] = (12, 24, 32, 48),
+                 stem: int = 0) -> None:
         super().__init__()
         a, b, c, d = widths
+        # stem > 0 (opt-in): a learned stride-2 3x3 conv with ``stem`` channels
+        # on the full 256 px input instead of the fixed 2x average pooling,
+        # so that what a subtle finding looks like at full resolution can
+        # survive the first halving (a quarter to a third more training time
+        # at the default widths on one CPU thread, see README).
+        first = nn.AvgPool2d(2) if stem <= 0 else _cbr(1, stem, 2)
         self.features = nn.Sequential(
-            nn.AvgPool2d(2),
-            _cbr(1, a, 2), _cbr(a, b, 2), _cbr(b, b), _cbr(b, c, 2),
+            first,
+            _cbr(max(stem, 1), a, 2), _cbr(a, b, 2), _cbr(b, b), _cbr(b, c, 2),
             _cbr(c, c, 1, 2), _cbr(c, d, 1, 4), _cbr(d, d, 1, 2))
         self.cam = nn.Conv2d(d, 1, 1)
 
@@ -310,20 +317,36 @@ class ExportWrapper(nn.Module):
     the model sees no abnormality, 1 at the strongest evidence once that
     evidence is confident (local logit >= 1), so a normal image gives a
     near-empty map instead of amplified noise.
+
+    With ``tta_flip`` the graph also runs the left-right mirror of each image
+    and averages the two activation maps (the mirror's flipped back) before
+    pooling, so the heat map is still exactly what the decision is pooled
+    from; inputs and outputs are unchanged.
     """
 
-    def __init__(self, net: TriageNet) -> None:
+    def __init__(self, net: TriageNet, tta_flip: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.tta_flip = tta_flip
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cam = self.net.activation_map(x)
+        cam = activation_map(self.net, x, self.tta_flip)
         probability = torch.sigmoid(self.net.pool(cam))
         up = F.interpolate(cam, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
                            align_corners=False)
         up = torch.relu(up)
         peak = up.amax(dim=(2, 3), keepdim=True).clamp_min(1.0)
         return probability, up / peak
+
+
+def activation_map(net: TriageNet, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """The activation map, or with ``tta_flip`` the mean of the image's and its
+    left-right mirror's (flipped back), both in one batch."""
+    if not tta_flip:
+        return net.activation_map(x)
+    n = x.shape[0]
+    both = net.activation_map(torch.cat([x, x.flip(-1)], dim=0))
+    return 0.5 * (both[:n] + both[n:].flip(-1))
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
@@ -398,19 +421,20 @@ def augment(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator
 
 
 @torch.no_grad()
-def predict_torch(net: TriageNet, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def predict_torch(net: TriageNet, x: np.ndarray, batch: int = 64,
+                  tta_flip: bool = False) -> np.ndarray:
     """Probabilities of abnormal with the torch model (eval mode)."""
     net.eval()
-    out = [torch.sigmoid(net(to_tensor(x[i:i + batch]))).squeeze(1).numpy()
-           for i in range(0, len(x), batch)]
+    out = [torch.sigmoid(net.pool(activation_map(net, to_tensor(x[i:i + batch]), tta_flip)))
+           .squeeze(1).numpy() for i in range(0, len(x), batch)]
     return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------- export
 
-def export_onnx(net: TriageNet, path: Path) -> None:
+def export_onnx(net: TriageNet, path: Path, tta_flip: bool = False) -> None:
     """Export ExportWrapper to ONNX opset 17 with a dynamic batch axis."""
-    wrapper = ExportWrapper(net).eval()
+    wrapper = ExportWrapper(net, tta_flip).eval()
     example = torch.zeros(2, 1, INPUT_SIZE, INPUT_SIZE)
     torch.onnx.export(
         wrapper, (example,), str(path), input_names=["input"],
@@ -527,11 +551,12 @@ def evaluate(p: np.ndarray, maps: np.ndarray, s: Split, threshold: float,
 # --------------------------------------------------------------------------- manifest
 
 def write_manifest(path: Path, onnx_name: str, digest: str, threshold: float,
-                   val_sens: float, val_spec: float, quality: dict, training: dict) -> None:
+                   val_sens: float, val_spec: float, quality: dict, training: dict,
+                   version: str = "1.2.0") -> None:
     """Write the YAML manifest (validated against dicom_node.infer.manifest)."""
     manifest = {
         "name": "cxr_triage",
-        "version": "1.2.0",
+        "version": version,
         # DICOM CID 7162 (Surface Processing Algorithm Family), DCM 123110.
         "family": {"scheme": "DCM", "value": "123110", "meaning": "Artificial Intelligence"},
         "description": (
@@ -606,6 +631,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--widths", type=int, nargs=4, default=list(WIDTHS),
                     help="channels of the four TriageNet stages")
+    ap.add_argument("--stem", type=int, default=0,
+                    help="channels of a learned stride-2 conv on the full-resolution input "
+                         "replacing the 2x average pooling (0: the pooling)")
+    ap.add_argument("--tta-flip", action="store_true",
+                    help="export a graph that averages the activation maps of each image "
+                         "and its left-right mirror (threshold chosen with it)")
+    ap.add_argument("--version", default="1.2.0", help="model version for the manifest")
     ap.add_argument("--map-weight", type=float, default=1.0,
                     help="weight of the mask-supervised activation-map loss")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -657,21 +689,27 @@ def main(argv: list[str] | None = None) -> None:
     # Measured before the new ONNX is written, which may replace it.
     before = previous_model(args.compare, held_out) if args.compare else None
 
-    net = TriageNet(tuple(args.widths))
+    net = TriageNet(tuple(args.widths), args.stem)
     checkpoint = args.work / "cxr_triage.pt"
     t0 = time.perf_counter()
-    if args.reuse_checkpoint and checkpoint.exists():
+    # The training run's wall time travels with the checkpoint, so that a
+    # --reuse-checkpoint export still records how long training took.
+    timing = checkpoint.with_suffix(".train_s")
+    reused = bool(args.reuse_checkpoint and checkpoint.exists())
+    if reused:
         net.load_state_dict(torch.load(checkpoint))
+        train_s = float(timing.read_text()) if timing.exists() else float("nan")
     else:
         train(net, tr, va, args.epochs, args.batch, args.lr, args.seed, args.map_weight)
         torch.save(net.state_dict(), checkpoint)
-    train_s = time.perf_counter() - t0
+        train_s = time.perf_counter() - t0
+        timing.write_text(f"{train_s:.1f}\n")
     net.eval()
 
     onnx_path = args.out / "cxr_triage.onnx"
-    export_onnx(net, onnx_path)
+    export_onnx(net, onnx_path, args.tta_flip)
     p_val, _ = run_onnx(onnx_path, va.x)
-    p_torch = predict_torch(net, va.x)
+    p_torch = predict_torch(net, va.x, tta_flip=args.tta_flip)
     diff = float(np.abs(p_val - p_torch).max())
     print(f"onnxruntime vs torch max |dp| = {diff:.2e}", flush=True)
     if diff > 1e-4:
@@ -741,9 +779,16 @@ def main(argv: list[str] | None = None) -> None:
             "the default-phantom held-out set (split id 3, make_radiograph only) and "
             "the independent family (dicom_node_synthetic.independent.cxr, split id "
             "4), which are evaluation only"),
-        "model": (f"TriageNet (2x average pool, {a}-{b}-{b}-{c}-{c}-{d}-{d} conv, "
+        "model": ("TriageNet ("
+                  + ("2x average pool" if args.stem <= 0 else
+                     f"learned stride-2 3x3 stem conv with {args.stem} channels on the "
+                     "full-resolution input")
+                  + f", {a}-{b}-{b}-{c}-{c}-{d}-{d} conv, "
                   f"stride 16, dilations 2/4/2, 1x1 CAM head, log-mean-exp pooling "
-                  f"r={POOL_R}, {sum(p.numel() for p in net.parameters())} parameters)"),
+                  f"r={POOL_R}, {sum(p.numel() for p in net.parameters())} parameters)"
+                  + ("; the exported graph averages the activation maps of the image "
+                     "and of its left-right mirror (flipped back) before pooling"
+                     if args.tta_flip else "")),
         "epochs": args.epochs,
         "batch_size": args.batch,
         "optimizer": f"AdamW one-cycle max lr {args.lr}, weight decay {WEIGHT_DECAY}",
@@ -755,11 +800,12 @@ def main(argv: list[str] | None = None) -> None:
         "data_wall_time_s": round(data_s, 1),
         "data_from_cache": cached,
         "train_wall_time_s": round(train_s, 1),
+        "checkpoint_reused": reused,
         "total_wall_time_s": round(wall, 1),
         "torch_version": str(torch.__version__),
     }
     write_manifest(args.out / "cxr_triage.yaml", onnx_path.name, sha256_of(onnx_path),
-                   threshold, val_sens, val_spec, quality, training)
+                   threshold, val_sens, val_spec, quality, training, args.version)
     print(yaml.safe_dump(quality, sort_keys=False))
     print(f"wrote {args.out / 'cxr_triage.yaml'} in {wall:.0f} s total")
 
