@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import NodeProcess, Orthanc, StoreSCP, cleanup, make_series, storescu_time, wait_for, workdir
+from common import NodeProcess, Orthanc, StoreSCP, cleanup, make_series, storescu_time, workdir
 
 
 _ASSOCIATION_LINE = re.compile(r" (\S+) dicom_node\.\S+: association from \S+ released after "
@@ -88,9 +88,6 @@ def main() -> None:
             receivers = 1 if n == 1 else args.receivers
             node = NodeProcess(root / f"node-{n}", routes=[],
                                node={"workers": 0, "receivers": receivers}).start()
-            # Ready means the node's own receiver listens; the others spawn after it.
-            wait_for(lambda node=node, k=receivers: node.log().count("listening for DICOM on") >= k, 60,
-                     what="every receiver process listening")
             results[f"dicom-node x{n}"] = storescu_time(node.port, "DICOM_NODE", files, n)
             splits[n] = association_split(node.log())
             node.stop()

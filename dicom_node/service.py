@@ -246,6 +246,8 @@ class Node:
             if slot.role == "worker":
                 self.store.requeue_running(slot.name, self.config.jobs.max_attempts,
                                            reason=f"worker died (exit code {proc.exitcode})")
+            elif self.listener is not None:
+                self.listener.for_process(slot.receiver_index).mark_listening(False)
             slot.restarts += 1
             self._start_worker(slot)
 
@@ -319,7 +321,12 @@ class Node:
             return f"{watermark.describe()}: new instances are refused until space returns"
 
         def dicom() -> str | None:
-            return None if self.receiver.address else "DICOM port not listening"
+            if not self.receiver.address:
+                return "DICOM port not listening"
+            # The extra receiver processes start after this one listens.
+            waiting = self.listener.not_listening() if self.listener is not None else []
+            names = [s.name for s in self._workers if s.role == "receiver" and s.receiver_index in waiting]
+            return f"receiver processes not accepting yet: {', '.join(names)}" if names else None
 
         def workers() -> str | None:
             dead = [s.name for s in self._workers if s.process is None or not s.process.is_alive()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 from pydicom import dcmread
@@ -112,6 +113,8 @@ def test_receiver_processes_share_the_port(node_factory, tmp_path):
 
     from helpers import NODELAY_ENV
     node = node_factory(routes=[], node={"receivers": 2, "workers": 0}).start()
+    # Ready means every receiver process accepts, not only the node's own.
+    assert node.log().count("listening for DICOM on") == 2
     series = [write_ct_series(tmp_path / f"s{i}", n=6, size=64, seed=f"multi{i}") for i in range(4)]
     procs = [subprocess.Popen(["storescu", "-aec", "DICOM_NODE", "127.0.0.1", str(node.port),
                                *map(str, files)], env=NODELAY_ENV) for files in series]
@@ -120,6 +123,9 @@ def test_receiver_processes_share_the_port(node_factory, tmp_path):
     # Both processes' counters reach the one endpoint.
     wait_for(lambda: 'dicom_node_instances_received_total{modality="CT"} 24.0' in node.metrics(), 10,
              what="24 instances counted across receiver processes")
+    # The four associations were spread over the two processes, two each.
+    served = re.findall(r" (\S+) dicom_node\.receive: association from \S+ released", node.log())
+    assert sorted(served.count(name) for name in set(served)) == [2, 2], served
 
 
 def _hold(port: int, aet: str):

@@ -508,6 +508,7 @@ class SharedListener:
 
     sock: socket.socket
     loads: Any  # multiprocessing RawArray of int, one per receiver process
+    listening: Any  # RawArray of 0/1, one per receiver process: its server accepts
     index: int = 0
 
     def for_process(self, index: int) -> SharedListener:
@@ -520,6 +521,13 @@ class SharedListener:
 
     def lighter_elsewhere(self, load: int) -> bool:
         return any(other < load for i, other in enumerate(self.loads) if i != self.index)
+
+    def mark_listening(self, listening: bool = True) -> None:
+        self.listening[self.index] = int(listening)
+
+    def not_listening(self) -> list[int]:
+        """Indices of the receiver processes whose server does not accept yet."""
+        return [i for i, flag in enumerate(self.listening) if not flag]
 
 
 def server_class(*, shared_listener: SharedListener | None = None) -> type[NodeServer]:
@@ -539,8 +547,8 @@ def open_shared_listener(host: str, port: int, processes: int) -> SharedListener
                                 family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setblocking(False)
     # spawn passes a RawArray to the child processes it starts with it.
-    loads = multiprocessing.get_context("spawn").RawArray("i", processes)
-    return SharedListener(sock, loads)
+    spawn = multiprocessing.get_context("spawn")
+    return SharedListener(sock, spawn.RawArray("i", processes), spawn.RawArray("b", processes))
 
 
 def register_server(ae: ApplicationEntity, server: AssociationServer) -> None:

@@ -170,6 +170,8 @@ class Receiver:
         thread.start()
         compat.register_server(self.ae, server)
         self._server = server
+        if self.listener is not None:
+            self.listener.mark_listening()
         host, port = server.server_address[:2]
         log.info("listening for DICOM on %s:%d as %s (at most %d connections, %d associations)",
                  host, port, node.ae_title, node.connection_limit, node.max_associations)
@@ -178,6 +180,8 @@ class Receiver:
     def stop(self) -> None:
         """Stop accepting associations and let the running ones finish."""
         if self._server is not None:
+            if self.listener is not None:
+                self.listener.mark_listening(False)
             self._server.shutdown()
             self._server.server_close()
             self._server = None
