@@ -128,40 +128,40 @@ def test_install_wakeup_wakes_the_dul_on_data_and_on_our_hand_offs():
         theirs.close()
 
 
-def test_install_pdu_reader_replaces_the_transports_recv():
+@contextmanager
+def _reading_association() -> Iterator[tuple[Association, socket.socket]]:
+    """A requestor association whose transport reads through our PDU reader
+    from one end of a socket pair; the other end is the peer."""
+    from pynetdicom.transport import AssociationSocket
+
     assoc = Association(AE(), "requestor")
     ours, theirs = socket.socketpair()
     try:
-        from pynetdicom.transport import AssociationSocket
-
         assoc.dul.socket = AssociationSocket(assoc, client_socket=ours)
         reader = BoundedPduReader(ours, PduLimits(max_pdu=16384, network_timeout_s=2),
                                   lambda *_: None, lambda: True)
         compat.install_pdu_reader(assoc, reader)
-        theirs.sendall(struct.pack(">BBL", 0x05, 0, 4) + bytes(4))  # A-RELEASE-RQ
-        assert assoc.dul.socket.recv(6)[:1] == b"\x05"
-        assert assoc.dul.socket.recv(4) == bytes(4)
+        yield assoc, theirs
     finally:
         ours.close()
         theirs.close()
 
 
+def test_install_pdu_reader_replaces_the_transports_recv():
+    with _reading_association() as (assoc, peer):
+        peer.sendall(struct.pack(">BBL", 0x05, 0, 4) + bytes(4))  # A-RELEASE-RQ
+        assert assoc.dul.socket.recv(6)[:1] == b"\x05"
+        assert assoc.dul.socket.recv(4) == bytes(4)
+
+
 def test_reading_a_pdu_holds_the_idle_timer_until_the_dul_restarts_it():
     """A stalled PDU is timed by our reader from its first byte; pynetdicom's
     idle timer, started at the previous PDU, must not expire under it."""
-    assoc = Association(AE(), "requestor")
-    ours, theirs = socket.socketpair()
-    try:
-        from pynetdicom.transport import AssociationSocket
-
-        assoc.dul.socket = AssociationSocket(assoc, client_socket=ours)
-        reader = BoundedPduReader(ours, PduLimits(max_pdu=16384, network_timeout_s=2),
-                                  lambda *_: None, lambda: True)
-        compat.install_pdu_reader(assoc, reader)
+    with _reading_association() as (assoc, peer):
         idle = assoc.dul._idle_timer
         idle.timeout = 0.05
         idle.start()
-        theirs.sendall(struct.pack(">BBL", 0x05, 0, 4))
+        peer.sendall(struct.pack(">BBL", 0x05, 0, 4))
         time.sleep(0.1)
         assert idle.expired  # unheld, it would abort the association now
         assoc.dul.socket.recv(6)
@@ -170,9 +170,6 @@ def test_reading_a_pdu_holds_the_idle_timer_until_the_dul_restarts_it():
         idle.restart()  # what the DUL does once the PDU is in
         time.sleep(0.1)
         assert idle.expired
-    finally:
-        ours.close()
-        theirs.close()
 
 
 @contextmanager
