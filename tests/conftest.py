@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ from helpers import NodeProcess, Orthanc, require_tools
 def pytest_sessionstart(session: pytest.Session) -> None:
     # A missing peer is a broken set-up, never a skipped test.
     require_tools()
+    # A terminated run (a CI timeout, a killed make) tears its fixtures down
+    # like Ctrl-C, so the nodes, Orthancs and Triton servers they started
+    # are stopped instead of left running with their ports.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @pytest.fixture
