@@ -133,6 +133,15 @@ class Viewer:
         return self.b.js("[...document.querySelectorAll('[data-cy^=study-browser-thumbnail]')]"
                          ".map(e => e.innerText.split('\\n').slice(0, 2).join(' '))")
 
+    def wait_first_image(self) -> None:
+        """Wait until the stack viewport opened with the study shows an image.
+        Switching series before that made OHIF throw "The stack viewport has
+        been destroyed" from the first load's callback (seen once in CI): an
+        error of switching mid-load, not of the object shown next."""
+        self.b.wait("(v => v && v.getImageIds?.().length > 0 && v.getCurrentImageId())"
+                    "(window.cornerstone.getEnabledElements()[0]?.viewport)", 60, "the first series shown")
+        time.sleep(0.5)
+
     def show(self, series: str) -> None:
         """Double-click the series whose study-browser entry starts with ``series``."""
         self.b.click(f"[...document.querySelectorAll('[data-cy^=study-browser-thumbnail]')]"
@@ -435,6 +444,7 @@ def test_ct_denoised_series_loads(ohif, pacs):
 @pytest.fixture(scope="module")
 def ct_sr(ohif, pacs):
     ohif.open(pacs[1]["ct"])
+    ohif.wait_first_image()
     ohif.show("SR AI denoising")
     state = ohif.b.wait(f"(s => s && s.loaded && s)({SR_STATE})", 60, "the SR loaded")
     text = ohif.panel("trackedMeasurements-btn")
@@ -473,6 +483,7 @@ def test_ct_sr_roi_measurements_are_listed_with_hu(ct_sr):
 
 def test_cxr_heat_map_capture_loads_in_colour(ohif, pacs):
     series = ohif.open(pacs[1]["cxr"])
+    ohif.wait_first_image()
     assert series == ["DX Chest PA (synthetic)", f"OT AI CXR triage heat map {CXR_MODEL}",
                       f"SR AI CXR triage {CXR_MODEL}"]
     before = coloured_fraction(ohif.b.screenshot(), ohif.viewport_box((10, 10, 20, 40)))
@@ -507,6 +518,7 @@ SR_WORDS = """(() => {
 @pytest.fixture(scope="module")
 def cxr_sr(ohif, pacs):
     ohif.open(pacs[1]["cxr"])
+    ohif.wait_first_image()
     ohif.show("SR AI CXR triage")
     words = ohif.b.wait(f"(s => s && s.length && s)({SR_WORDS})", 60, "the CXR SR loaded")
     time.sleep(1.0)
