@@ -44,8 +44,8 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
 
 __all__ = ["SUPPORTED", "CompatError", "check", "SharedContexts", "install_wakeup",
-           "install_pdu_reader", "install_response_guard", "negotiated", "NodeServer", "server_class", "SharedListener", "open_shared_listener",
-           "register_server",
+           "install_response_guard", "negotiated", "install_pdu_reader", "NodeServer",
+           "server_class", "SharedListener", "open_shared_listener", "register_server",
            "configure_process", "discard_partial_dataset", "received_write_error"]
 
 log = logging.getLogger("dicom_node.net")

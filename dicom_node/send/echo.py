@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import Peer
 from dicom_node.errors import SendError
-from dicom_node.net import pynetdicom_compat as compat
+from dicom_node.net.pdu import PduLimits, advertised_max_pdu
 from dicom_node.security.tls import ClientContexts
 
 __all__ = ["EchoResult", "echo_peer"]
@@ -29,7 +29,7 @@ class EchoResult:
 
 def echo_peer(peer: Peer, *, calling_ae: str, timeout_s: float = 10.0) -> EchoResult:
     """One association with a Verification context and one C-ECHO."""
-    from dicom_node.send.scu import tls_args
+    from dicom_node.send.scu import connection_tuner, tls_args
 
     started = time.perf_counter()
 
@@ -45,8 +45,9 @@ def echo_peer(peer: Peer, *, calling_ae: str, timeout_s: float = 10.0) -> EchoRe
         tls = tls_args(peer, ClientContexts())
     except SendError as exc:
         return result(False, str(exc))
-    guard = (evt.EVT_CONN_OPEN, lambda event: compat.install_response_guard(event.assoc))
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls, evt_handlers=[guard])
+    limits = PduLimits(max_pdu=advertised_max_pdu(ae.maximum_pdu_size), network_timeout_s=timeout_s)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls,
+                         evt_handlers=[connection_tuner(limits, peer.name)])
     if assoc.is_rejected:
         return result(False, f"association rejected by {where} (calling AE {calling_ae} "
                              "not known there, or wrong called AE)")

@@ -54,9 +54,11 @@ class StoreOutcome:
     reason: str
 
 
-def _tuner(limits: PduLimits, peer_name: str) -> evt.EventHandlerType:
-    """EVT_CONN_OPEN handler: no Nagle delay, a DUL that waits on the socket, socket
-    timeouts, and PDUs from the peer bounded by our maximum PDU."""
+def connection_tuner(limits: PduLimits, peer_name: str) -> evt.EventHandlerType:
+    """EVT_CONN_OPEN handler for every association we request (C-STORE and
+    C-ECHO): no Nagle delay, a DUL that waits on the socket, socket timeouts,
+    PDUs from the peer bounded by our maximum PDU, and responses kept for the
+    request waiting on them."""
     def on_violation(label: str, reason: str) -> None:
         log.warning("association with %s aborted: %s", peer_name, reason)
 
@@ -139,7 +141,7 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     contexts = [build_context(c, [ts]) for c in classes for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
     rejections: list[int] = []
     assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
-                         evt_handlers=[_tuner(limits, peer.name), _rejection_watcher(rejections)],
+                         evt_handlers=[connection_tuner(limits, peer.name), _rejection_watcher(rejections)],
                          tls_args=tls_args(peer, tls_contexts or ClientContexts()))
     if assoc.is_rejected:
         transient = rejections == [0x02]
