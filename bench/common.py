@@ -119,22 +119,35 @@ class JsonLogNode(NodeProcess):
         return self
 
     def job_stages(self, job_index: int) -> dict[str, float]:
-        """Stage seconds (decode, inference, encode, write) of the
-        ``job_index``-th job, from the worker's line for it; {} if absent."""
+        """Seconds of each stage of the ``job_index``-th job, in order: the
+        wait for a worker to claim it ("claim"), the worker's own stages
+        (decode, inference, encode, write) from its line for the job, the
+        rest of its run ("read and record": reading the series, recording the
+        results), and the queued results' sending up to the last
+        acknowledgement ("send").  {} if the job's line is absent."""
         import json
-        jobs = sorted(self.store().jobs(), key=lambda j: j.id)
+        store = self.store()
+        jobs = sorted(store.jobs(), key=lambda j: j.id)
         if len(jobs) <= job_index:
             return {}
-        job_id = jobs[job_index].id
+        job = jobs[job_index]
         for line in self.log().splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("job_id") == job_id and rec.get("state") == "done":
-                return {k[:-2]: float(v) for k, v in rec.items()
-                        if k.endswith("_s") and k != "duration_s" and isinstance(v, (int, float))}
-        return {}
+            if rec.get("job_id") == job.id and rec.get("state") == "done":
+                break
+        else:
+            return {}
+        stages = {k[:-2]: float(v) for k, v in rec.items()
+                  if k.endswith("_s") and k != "duration_s" and isinstance(v, (int, float))}
+        items = [i for i in store.outbox_items() if i.job_id == job.id]
+        queued = min(i.created_at for i in items)
+        acked = max(i.sent_at or queued for i in items)
+        return {"claim": max(0.0, queued - job.completed_at - rec["duration_s"]), **stages,
+                "read and record": max(0.0, rec["duration_s"] - sum(stages.values())),
+                "send": acked - queued}
 
 
 def scp_json_node(root: Path, scp: StoreSCP, route: dict) -> JsonLogNode:

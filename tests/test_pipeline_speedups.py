@@ -374,3 +374,11 @@ def test_cxr_pipeline_decodes_and_draws_ahead_with_the_same_results(monkeypatch)
     broken.PixelData = broken.PixelData[:100]
     with pytest.raises(PipelineError, match=str(broken.SOPInstanceUID)):
         pipeline.run(PipelineInput(1, "cxr", [*series[:3], broken, series[4]], {}), model)
+
+
+def test_onnxruntime_threads_do_not_spin_between_runs():
+    """Sessions are made without spin-waiting: spinning threads take the
+    cores that decoding, encoding, receiving and sending share with the model."""
+    model = ModelRegistry(load_config().models_dir).get("cxr_triage")
+    options = model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
