@@ -253,9 +253,14 @@ def test_ct_denoise_with_the_roi_search_beside_inference_gives_the_same_report()
     model = ModelRegistry(load_config().models_dir).get("ct_denoise")
     pipeline = get_pipeline("ct_denoise")
     options = {"batch_size": 2}  # four batches, the last one short
-    inline = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], options), model)
-    beside = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], options),
-                          _AsIfAccelerated(model))
+    handed: dict[str, list] = {"inline": [], "beside": []}
+    inline = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], options,
+                                        handed["inline"].append), model)
+    beside = pipeline.run(PipelineInput(1, "t", [_roundtrip(s) for s in sources], options,
+                                        handed["beside"].append), _AsIfAccelerated(model))
+    # The derived images (not the SR, which is built last) were handed over to be written early.
+    for name, result in (("inline", inline), ("beside", beside)):
+        assert sorted(map(id, handed[name])) == sorted(map(id, result.datasets[:-1])), name
     assert inline.summary == beside.summary and inline.held == beside.held
     assert [_content(ds) for ds in inline.datasets[:-1]] == [_content(ds) for ds in beside.datasets[:-1]]
     assert len(beside.datasets) == 8
@@ -362,7 +367,10 @@ def test_cxr_pipeline_decodes_and_draws_ahead_with_the_same_results(monkeypatch)
     model = ModelRegistry(load_config().models_dir).get("cxr_triage")
     series = _cxr_series(5)
     pipeline = cxr_triage.CxrTriage()
-    ahead = pipeline.run(PipelineInput(1, "cxr", series, {}), model)
+    handed: list = []
+    ahead = pipeline.run(PipelineInput(1, "cxr", series, {}, handed.append), model)
+    # Every SR and capture was handed over to be written early, each once.
+    assert sorted(map(id, handed)) == sorted(map(id, ahead.datasets))
     monkeypatch.setattr(cxr_triage, "_AHEAD", 1)
     one_by_one = pipeline.run(PipelineInput(1, "cxr", series, {}), model)
     sc = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage

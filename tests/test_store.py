@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from prometheus_client import CollectorRegistry
 
@@ -270,3 +273,67 @@ def test_durable_batch_writes_every_file_or_none(tmp_path, monkeypatch):
         with spool_module.DurableBatch(tmp) as batch:
             batch.write(out / "8.dcm", b"x")
     assert not (out / "8.dcm").exists() and list(tmp.iterdir()) == []
+
+
+def _result(uid: str) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientID = "1.2.840.10008.5.1.4.1.1.7", uid, "X"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_result_files_written_early_appear_only_with_the_whole_job(tmp_path, monkeypatch):
+    """Results handed over early are written and fsynced while the pipeline
+    runs, but none is under its final name before the job's every file is
+    durable; the returned order is the job's result order."""
+    from pydicom import dcmread
+
+    from dicom_node.store import spool as spool_module
+    from dicom_node.store.results import ResultFiles
+
+    tmp, folder = tmp_path / "tmp", tmp_path / "out" / "job-7"
+    tmp.mkdir()
+    fsynced: list[str] = []
+    real_fsync = spool_module._fsync_path
+    monkeypatch.setattr(spool_module, "_fsync_path", lambda p: fsynced.append(p.name) or real_fsync(p))
+    first, second, third = _result("1.2.3.1"), _result("1.2.3.2"), _result("1.2.3.3")
+    with ResultFiles(folder, tmp, 7) as files:
+        files.early(second)
+        files.early(first)
+        files._pool.submit(lambda: None).result()  # both early writes done
+        parts = list(tmp.iterdir())
+        assert len(parts) == 2 and not any(folder.glob("*.dcm"))
+        paths = files.complete([first, second, third])
+        assert not any(folder.glob("*.dcm"))
+    assert [p.name for p in paths] == ["1.2.3.1.dcm", "1.2.3.2.dcm", "1.2.3.3.dcm"]
+    assert [str(dcmread(p).SOPInstanceUID) for p in paths] == ["1.2.3.1", "1.2.3.2", "1.2.3.3"]
+    # The early ones were fsynced as written (os.fsync), only the last one at the commit.
+    assert len(fsynced) == 1 and list(tmp.iterdir()) == []
+
+
+def test_result_files_leave_nothing_for_a_failed_job_or_a_result_not_returned(tmp_path):
+    from dicom_node.errors import DicomNodeError
+    from dicom_node.store.results import ResultFiles
+
+    tmp, folder = tmp_path / "tmp", tmp_path / "job-8"
+    tmp.mkdir()
+    with pytest.raises(RuntimeError):
+        with ResultFiles(folder, tmp, 8) as files:
+            files.early(_result("1.2.3.1"))
+            raise RuntimeError("the pipeline failed after handing a result over")
+    assert not any(folder.glob("*")) and list(tmp.iterdir()) == []
+
+    kept, dropped = _result("1.2.3.1"), _result("1.2.3.2")
+    with ResultFiles(folder, tmp, 8) as files:
+        files.early(dropped)
+        files.early(kept)
+        files.complete([kept])
+    assert [p.name for p in folder.iterdir()] == ["1.2.3.1.dcm"] and list(tmp.iterdir()) == []
+
+    with pytest.raises(DicomNodeError, match=r"job 9: pipeline produced invalid SOP Instance UID '1\.x'"):
+        with ResultFiles(tmp_path / "job-9", tmp, 9) as files:
+            files.early(_result("1.x"))
+            files.complete([_result("1.2.3.4")] + list(d for d, _ in files._early.values()))
+    assert not (tmp_path / "job-9").exists() or not any((tmp_path / "job-9").iterdir())
+    assert list(tmp.iterdir()) == []

@@ -16,7 +16,6 @@ import sqlite3
 import struct
 import time
 from collections.abc import Sequence
-from io import BytesIO
 from pathlib import Path
 from threading import Event
 from typing import Any
@@ -24,7 +23,6 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import dcmwrite
 
 from prometheus_client import CollectorRegistry
 
@@ -37,7 +35,7 @@ from dicom_node.observability.metrics import Metrics
 from dicom_node.pipelines.base import PipelineInput, check_pair, get_pipeline
 from dicom_node.store.db import Job, JobState, OutboxEntry, Store
 from dicom_node.store.layout import DataDir
-from dicom_node.store.spool import DurableBatch, fsync_dir, is_valid_uid
+from dicom_node.store.results import ResultFiles
 
 __all__ = ["Worker", "is_disk_full", "result_dir"]
 
@@ -260,9 +258,11 @@ class Worker:
                                        provider=model.provider).set(1)
         datasets = self._load(job)
         options = {"batch_size": self.config.inference.batch_size, **route.options}
-        result = pipeline.run(PipelineInput(job.id, job.route, datasets, options), model)
-        started = time.perf_counter()
-        paths = self._write(job.id, result.datasets)
+        with ResultFiles(self.data.job_results(job.id), self.tmp, job.id) as files:
+            result = pipeline.run(PipelineInput(job.id, job.route, datasets, options, files.early), model)
+            started = time.perf_counter()
+            paths = files.complete(result.datasets)
+        # Writing what was not handed over early and making all durable.
         timings = {**result.timings, "write": time.perf_counter() - started}
         for stage, seconds in timings.items():
             self.metrics.stage_seconds.labels(pipeline=job.pipeline, stage=stage).observe(seconds)
@@ -323,24 +323,3 @@ class Worker:
         except (ValueError, struct.error) as exc:  # pydicom: broken item tags or offsets
             raise DicomNodeError(f"instance {sop_uid}: cannot split encapsulated pixel data "
                                  f"into {frames} frames: {exc}") from None
-
-    def _write(self, job_id: int, datasets: list[Dataset]) -> list[Path]:
-        """Every result durable under its final name before the job can be
-        marked done; written as one batch (one fsync round, one folder sync)."""
-        folder = self.data.job_results(job_id)
-        if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            fsync_dir(folder.parent)  # the job's folder itself must survive a crash
-        paths = []
-        with DurableBatch(self.tmp) as batch:
-            for ds in datasets:
-                uid = str(ds.SOPInstanceUID)
-                if not is_valid_uid(uid):
-                    raise DicomNodeError(f"job {job_id}: pipeline produced invalid SOP Instance UID {uid!r}")
-                buffer = BytesIO()
-                dcmwrite(buffer, ds, enforce_file_format=True)
-                path = folder / f"{uid}.dcm"
-                batch.write(path, buffer.getbuffer())
-                paths.append(path)
-        return paths
-

@@ -34,6 +34,10 @@ class PipelineInput:
     # Every instance of the job's series, decoded (pixel data loads on access).
     datasets: list[Dataset]
     options: dict[str, Any] = field(default_factory=dict)
+    # Hands a finished result to the worker to be written while the pipeline
+    # goes on; it must still be in PipelineResult.datasets, and is not to be
+    # changed after.  A pipeline that never calls it loses nothing.
+    early: Callable[[Dataset], None] = lambda ds: None
 
 
 @dataclass(frozen=True)

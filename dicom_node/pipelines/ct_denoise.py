@@ -9,6 +9,7 @@ in the same automatically chosen regions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
@@ -77,7 +78,7 @@ class CtDenoise:
         slices = _DerivedSlices(volume, prov)
         # Likewise the derived images of each finished batch are encoded
         # while the accelerator infers the next.
-        beside = _EncodeBeside(slices) if accelerated else None
+        beside = _EncodeBeside(slices, job.early) if accelerated else None
         try:
             with timer.stage("inference"):
                 denoised = denoise(volume.values, volume.pixel_spacing, model,
@@ -87,8 +88,12 @@ class CtDenoise:
                 beside.finish_quietly()
             raise
         with timer.stage("encode"):
-            derived = (beside.finish() if beside is not None
-                       else slices.encode(np.arange(len(volume.slices)), denoised))
+            if beside is not None:
+                derived = beside.finish()
+            else:
+                derived = slices.encode(np.arange(len(volume.slices)), denoised)
+                for ds in derived:  # written while the report is measured
+                    job.early(ds)
             report, measured = _quality_report(volume, denoised, derived, prov, regions)
         values = _plausibility_values(measured)
         held = implausible(values, plausible_ranges(self, model.manifest),
@@ -161,13 +166,19 @@ class _EncodeBeside:
     the accelerator infers the next (one thread: the series template is
     built in order).  ``finish()`` returns the series in source order."""
 
-    def __init__(self, slices: _DerivedSlices) -> None:
-        self._slices = slices
+    def __init__(self, slices: _DerivedSlices, early: Callable[[Dataset], None]) -> None:
+        self._slices, self._early = slices, early
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ct-encode")
         self._parts: list[Future[list[Dataset]]] = []
 
     def __call__(self, indices: np.ndarray, values: np.ndarray) -> None:
-        self._parts.append(self._pool.submit(self._slices.encode, indices.copy(), values.copy()))
+        self._parts.append(self._pool.submit(self._encode, indices.copy(), values.copy()))
+
+    def _encode(self, indices: np.ndarray, values: np.ndarray) -> list[Dataset]:
+        encoded = self._slices.encode(indices, values)
+        for ds in encoded:
+            self._early(ds)
+        return encoded
 
     def finish(self) -> list[Dataset]:
         try:

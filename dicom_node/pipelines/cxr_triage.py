@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import cv2
@@ -116,7 +118,9 @@ class CxrTriage:
                     if i >= _AHEAD:
                         captures[i - _AHEAD].result()  # bounds the images held by pending captures
                     captures.append(pool.submit(_capture, read, prov))
+                    captures[-1].add_done_callback(partial(_hand_over, job.early))
                     results.append(_report(read, prov, templates))
+                    job.early(results[-1])
             with timer.stage("encode"):
                 drawn = [c.result() for c in captures]
         results = [ds for pair in zip(results, drawn, strict=True) for ds in pair]
@@ -129,6 +133,13 @@ class CxrTriage:
 
 # Radiographs decoded, and captures drawn, ahead of the one in the model.
 _AHEAD = 2
+
+
+def _hand_over(early: Callable[[Dataset], None], drawn: Future[Dataset]) -> None:
+    """A finished capture to be written early (a failed one fails the job
+    where its result is taken)."""
+    if not drawn.cancelled() and drawn.exception() is None:
+        early(drawn.result())
 
 
 def is_frontal(ds: Dataset) -> tuple[bool, str]:

@@ -150,12 +150,29 @@ class DurableBatch:
     def __init__(self, tmp_dir: Path) -> None:
         self.tmp_dir = tmp_dir
         self._pending: list[tuple[Path, Path]] = []
+        self._synced: set[Path] = set()  # temporary files fsynced when written
+        self._lock = threading.Lock()  # write() and drop() may come from several threads
 
     def __enter__(self) -> DurableBatch:
         return self
 
-    def write(self, target: Path, data: bytes | memoryview) -> None:
-        self._pending.append((_write_part(self.tmp_dir, data, sync=False), target))
+    def write(self, target: Path, data: bytes | memoryview, *, sync: bool = False) -> None:
+        """``data`` for ``target``; with ``sync``, fsynced now rather than
+        with the others on commit (for a writer running ahead of it)."""
+        tmp = _write_part(self.tmp_dir, data, sync=sync)
+        with self._lock:
+            self._pending.append((tmp, target))
+            if sync:
+                self._synced.add(tmp)
+
+    def drop(self, target: Path) -> None:
+        """Leave ``target`` out of the batch, as if it had not been written."""
+        with self._lock:
+            kept = [(tmp, t) for tmp, t in self._pending if t != target]
+            gone = [tmp for tmp, t in self._pending if t == target]
+            self._pending = kept
+        for tmp in gone:
+            tmp.unlink(missing_ok=True)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -167,9 +184,10 @@ class DurableBatch:
                 tmp.unlink(missing_ok=True)  # gone once renamed
 
     def _commit(self) -> None:
-        temps = [tmp for tmp, _ in self._pending]
-        with ThreadPoolExecutor(min(self._SYNC_THREADS, max(1, len(temps)))) as pool:
-            list(pool.map(_fsync_path, temps))
+        temps = [tmp for tmp, _ in self._pending if tmp not in self._synced]
+        if temps:
+            with ThreadPoolExecutor(min(self._SYNC_THREADS, len(temps))) as pool:
+                list(pool.map(_fsync_path, temps))
         for tmp, target in self._pending:
             os.replace(tmp, target)
         for folder in dict.fromkeys(target.parent for _, target in self._pending):
