@@ -2,9 +2,10 @@
 
 Each worker is its own process, so a model that crashes or runs out of memory
 takes down that worker and fails (or retries) that job, never the receiver.
-Results are written and queued in the outbox in one step after the pipeline
-has finished: a crash before that step reruns the job, and because result
-UIDs are deterministic the rerun writes the same objects again.
+Results are written as the pipeline finishes them (store/results.py), but
+made visible and queued in the outbox in one step after it has returned: a
+crash before that step reruns the job, and because result UIDs are
+deterministic the rerun writes the same objects again.
 """
 
 from __future__ import annotations
