@@ -27,6 +27,7 @@ from dicom_node.config import Config
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.pipelines.base import check_pair
 from dicom_node.net import pynetdicom_compat
+from dicom_node.net.listener import SharedListener, open_shared_listener
 from dicom_node.observability.http import HealthServer
 from dicom_node.observability.status import StatusPage
 from dicom_node.observability.logs import RepeatLog, setup_logging
@@ -57,7 +58,7 @@ def worker_main(config: Config, name: str, log_level: str, json_logs: bool) -> N
 
 
 def receiver_main(config: Config, name: str, log_level: str, json_logs: bool,
-                  listener: pynetdicom_compat.SharedListener) -> None:
+                  listener: SharedListener) -> None:
     """Entry point of an extra receiver process accepting from the node's
     listening socket (passed by the parent)."""
     setup_logging(log_level, json_logs)
@@ -116,7 +117,7 @@ class Node:
         self.receive_store = Store(data.db, synchronous="NORMAL")
         node = self.config.node
         # Several receiver processes accept from one listening socket.
-        self.listener = (pynetdicom_compat.open_shared_listener(node.host, node.port, node.receivers)
+        self.listener = (open_shared_listener(node.host, node.port, node.receivers)
                          if node.receivers > 1 else None)
         self.receiver = Receiver(self.config, self.receive_store, self.spool, self.metrics,
                                  listener=self.listener)

@@ -21,6 +21,7 @@ from pynetdicom import AE, _config, dimse_messages, dul, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
+from dicom_node.net import listener as listener_module
 from dicom_node.net import pynetdicom_compat as compat
 from dicom_node.net.pdu import HARD_MAX_PDU, BoundedPduReader, PduLimits, advertised_max_pdu
 
@@ -176,7 +177,7 @@ def test_reading_a_pdu_holds_the_idle_timer_until_the_dul_restarts_it():
 def _servers_on_one_listener(count: int) -> Iterator[tuple[int, list]]:
     """``count`` echo servers (as in receiver processes) on one shared listener."""
     assert compat.server_class() is compat.NodeServer and compat.NodeServer.shared_listener is None
-    listener = compat.open_shared_listener("127.0.0.1", 0, count)
+    listener = listener_module.open_shared_listener("127.0.0.1", 0, count)
     port = listener.sock.getsockname()[1]
     servers = []
     try:
@@ -235,7 +236,7 @@ def test_associations_held_open_at_once_land_on_two_servers():
 
 
 def test_a_loaded_server_leaves_a_waiting_connection_to_an_idle_one_for_a_bounded_time():
-    listener = compat.open_shared_listener("127.0.0.1", 0, 2)
+    listener = listener_module.open_shared_listener("127.0.0.1", 0, 2)
     ae = AE()
     ae.add_supported_context("1.2.840.10008.1.1")
     port = listener.sock.getsockname()[1]
@@ -254,7 +255,7 @@ def test_a_loaded_server_leaves_a_waiting_connection_to_an_idle_one_for_a_bounde
                 deferred += 1
         took = time.monotonic() - start
         accepted.close()
-        assert deferred >= 5 and compat._MAX_DEFER_S <= took < 0.5, (deferred, took)
+        assert deferred >= 5 and listener_module.MAX_DEFER_S <= took < 0.5, (deferred, took)
         assert listener.loads[0] == 1
     finally:
         client.close()
@@ -262,7 +263,7 @@ def test_a_loaded_server_leaves_a_waiting_connection_to_an_idle_one_for_a_bounde
 
 
 def test_the_load_board_compares_with_the_other_processes_only():
-    listener = compat.open_shared_listener("127.0.0.1", 0, 3)
+    listener = listener_module.open_shared_listener("127.0.0.1", 0, 3)
     try:
         first, second = listener.for_process(0), listener.for_process(1)
         first.post(2)
@@ -278,13 +279,13 @@ def test_the_load_board_compares_with_the_other_processes_only():
 
 
 def test_a_deferral_lasts_a_bounded_time_per_waiting_connection():
-    deferral = compat._Deferral()
+    deferral = listener_module.Deferral()
     start = time.monotonic()
     while deferral.may_defer():
-        time.sleep(compat._DEFER_NAP_S)
+        time.sleep(listener_module.DEFER_NAP_S)
         assert time.monotonic() - start < 1
-    assert time.monotonic() - start >= compat._MAX_DEFER_S
-    time.sleep(10 * compat._DEFER_NAP_S)  # a later connection: deferred afresh
+    assert time.monotonic() - start >= listener_module.MAX_DEFER_S
+    time.sleep(10 * listener_module.DEFER_NAP_S)  # a later connection: deferred afresh
     assert deferral.may_defer()
 
 

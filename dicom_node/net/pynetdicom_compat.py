@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import multiprocessing
 import select
 import socket
 import ssl
@@ -29,7 +28,6 @@ import threading
 import time
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,11 +39,12 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.timer import Timer
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
+from dicom_node.net.listener import BACKLOG, DEFER_NAP_S, Deferral, SharedListener
 from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
 
 __all__ = ["SUPPORTED", "CompatError", "check", "SharedContexts", "install_wakeup",
            "install_response_guard", "negotiated", "install_pdu_reader", "NodeServer",
-           "server_class", "SharedListener", "open_shared_listener", "register_server",
+           "server_class", "register_server",
            "configure_process", "discard_partial_dataset", "received_write_error"]
 
 log = logging.getLogger("dicom_node.net")
@@ -337,10 +336,8 @@ class NodeServer(ThreadedAssociationServer):
     # with SO_REUSEPORT the kernel dealt them by address hash and 4
     # associations from one sender often all landed on one process.
     shared_listener: SharedListener | None = None
-    # The listen backlog (socketserver's default is 5): a burst of connects
-    # waits in the kernel, costing no thread, until accepted or refused by
-    # admit(); with 5, the rest of a burst waits on SYN retries instead.
-    request_queue_size = 128
+    request_queue_size = BACKLOG  # socketserver's default, 5, is too short for a burst
+
     # Set by the receiver.  admit(sock, address, open_connections) -> bool
     admit: Callable[[socket.socket, Any, int], bool] | None = None
     on_tls_failure: Callable[[Any, str], None] | None = None
@@ -374,7 +371,7 @@ class NodeServer(ThreadedAssociationServer):
             load = self.open_connections()
             shared.post(load)
             if shared.lighter_elsewhere(load) and self._deferral.may_defer():
-                time.sleep(_DEFER_NAP_S)
+                time.sleep(DEFER_NAP_S)
                 raise BlockingIOError("left to a less loaded receiver process")
         client, address = self._listener().accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -392,7 +389,7 @@ class NodeServer(ThreadedAssociationServer):
         self._pending: set[int] = set()
         # Handed over: counted until their thread has ended.
         self._handed: set[Association] = set()
-        self._deferral = _Deferral()
+        self._deferral = Deferral()
         self.bind(evt.EVT_CONN_OPEN, self._handed_over)
         if self.shared_listener is not None:
             self.bind(evt.EVT_CONN_CLOSE, self._closing)
@@ -471,65 +468,6 @@ def tls_reason(exc: BaseException) -> str:
     return f"{reason}: {detail}" if detail else str(reason)
 
 
-# How long a receiver process leaves a waiting connection to a less loaded
-# one before taking it itself (that one may be busy in Python and slow to
-# accept), and its nap between looks.  20 ms left 3 of 4 associations on one
-# process in one of three runs on a loaded 2-core machine; 100 ms none of five.
-_MAX_DEFER_S = 0.1
-_DEFER_NAP_S = 0.001
-
-
-class _Deferral:
-    """Times one run of deferrals: looks closer together than a few naps
-    belong to one waiting connection, which is deferred for _MAX_DEFER_S."""
-
-    def __init__(self) -> None:
-        self._first = self._last = -1.0
-
-    def may_defer(self) -> bool:
-        now = time.monotonic()
-        if now - self._last > 5 * _DEFER_NAP_S:
-            self._first = now
-        self._last = now
-        return now - self._first < _MAX_DEFER_S
-
-
-@dataclass(frozen=True)
-class SharedListener:
-    """One listening socket for the node's receiver processes, and a board
-    in shared memory where each posts how many connections it has open.
-
-    Every process's server wakes for a waiting connection; one that sees a
-    less loaded process leaves it to that one for up to _MAX_DEFER_S.
-    First come, first served put two or three of one sender's associations
-    on one process in a third of the runs, halving what they got.  Posts
-    are made on accept and on close, so a stale count can only make another
-    look busier than it is (this process then accepts, as before)."""
-
-    sock: socket.socket
-    loads: Any  # multiprocessing RawArray of int, one per receiver process
-    listening: Any  # RawArray of 0/1, one per receiver process: its server accepts
-    index: int = 0
-
-    def for_process(self, index: int) -> SharedListener:
-        if not 0 <= index < len(self.loads):
-            raise ValueError(f"receiver index {index} outside 0..{len(self.loads) - 1}")
-        return replace(self, index=index)
-
-    def post(self, load: int) -> None:
-        self.loads[self.index] = load
-
-    def lighter_elsewhere(self, load: int) -> bool:
-        return any(other < load for i, other in enumerate(self.loads) if i != self.index)
-
-    def mark_listening(self, listening: bool = True) -> None:
-        self.listening[self.index] = int(listening)
-
-    def not_listening(self) -> list[int]:
-        """Indices of the receiver processes whose server does not accept yet."""
-        return [i for i, flag in enumerate(self.listening) if not flag]
-
-
 def server_class(*, shared_listener: SharedListener | None = None) -> type[NodeServer]:
     """The server class for ``AE.make_server``: NodeServer itself, or a
     subclass adopting ``shared_listener`` (bind runs in the constructor, so
@@ -538,17 +476,6 @@ def server_class(*, shared_listener: SharedListener | None = None) -> type[NodeS
     if shared_listener is None:
         return NodeServer
     return type("NodeServerShared", (NodeServer,), {"shared_listener": shared_listener})
-
-
-def open_shared_listener(host: str, port: int, processes: int) -> SharedListener:
-    """A listening socket for ``processes`` receiver processes, posted as
-    index 0 (the opener's); see SharedListener."""
-    sock = socket.create_server((host, port), backlog=NodeServer.request_queue_size,
-                                family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setblocking(False)
-    # spawn passes a RawArray to the child processes it starts with it.
-    spawn = multiprocessing.get_context("spawn")
-    return SharedListener(sock, spawn.RawArray("i", processes), spawn.RawArray("b", processes))
 
 
 def register_server(ae: ApplicationEntity, server: AssociationServer) -> None:

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node.config import Config
 from dicom_node.limits import DiskWatermark
 from dicom_node.net import pynetdicom_compat as compat
+from dicom_node.net.listener import SharedListener
 from dicom_node.net.pdu import BoundedPduReader, PduLimits, advertised_max_pdu
 from dicom_node.net.refusals import RefusalLog
 from dicom_node.net.sockets import DUL_IDLE_WAIT_S, tune_socket
@@ -94,7 +95,7 @@ class Receiver:
     """Owns the pynetdicom AE and its server thread."""
 
     def __init__(self, config: Config, store: Store, spool: Spool, metrics: Metrics,
-                 *, listener: compat.SharedListener | None = None, warn: bool = True) -> None:
+                 *, listener: SharedListener | None = None, warn: bool = True) -> None:
         self.warn = warn
         self.config = config
         self.store = store
