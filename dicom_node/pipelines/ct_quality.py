@@ -142,8 +142,10 @@ def _local_sd(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """SD of ``img`` over the ROI footprint centred at every pixel."""
     k = kernel.astype(np.float32) / float(kernel.sum())
     # Subtract a constant first: E[x^2] - E[x]^2 in float32 loses precision at
-    # large |HU| (air) and can go negative.
-    x = img - np.float32(np.median(img))
+    # large |HU| (air) and can go negative.  Any value near the image's will
+    # do: the median of every 16th pixel costs a sixteenth of the full one
+    # (2 ms a 512x512 slice, once per slice searched).
+    x = img - np.float32(np.median(img[::4, ::4]))
     mean = cv2.filter2D(x, -1, k, borderType=cv2.BORDER_REFLECT)
     sq = cv2.filter2D(x * x, -1, k, borderType=cv2.BORDER_REFLECT)
     return np.sqrt(np.maximum(sq - mean * mean, 0.0))
