@@ -445,6 +445,42 @@ def test_the_reactor_takes_requests_but_leaves_responses_to_the_waiting_sender()
     assert assoc.dimse.get_msg(block=False) == (None, None)
 
 
+def test_sending_without_pause_reads_the_reactor_as_paused_only_within_the_block():
+    """Inside the block a send does not wait for the reactor to pause (it
+    reads as paused); what the reactor sets is kept for after, when the
+    association waits for the pause as before (A-RELEASE).  An association
+    without the response guard is refused: the pause is what keeps an
+    unguarded reactor off the responses."""
+    assoc = Association(AE(), "requestor")
+    with pytest.raises(RuntimeError, match="install_response_guard"):
+        with compat.sending_without_pause(assoc):
+            pass
+    compat.install_response_guard(assoc)
+    assoc._is_paused = False
+    with compat.sending_without_pause(assoc):
+        assert assoc._is_paused is True
+        assoc._is_paused = False  # the reactor resuming
+        assert assoc._is_paused is True
+        assoc._is_paused = True
+        assoc._is_paused = False
+    assert type(assoc) is Association and assoc._is_paused is False
+    with pytest.raises(ValueError):
+        with compat.sending_without_pause(assoc):
+            raise ValueError("a send failed")
+    assert type(assoc) is Association
+
+
+def test_check_notices_a_send_that_no_longer_waits_on_is_paused(monkeypatch):
+    def sends(self, dataset, msg_id=1, priority=2, originator_aet=None, originator_id=None):
+        self._reactor_checkpoint.clear()  # pauses, but waits on an event instead
+        self._reactor_paused.wait()
+        return self.dimse.send_msg(dataset, 1)
+
+    monkeypatch.setattr(Association, "send_c_store", sends)
+    with pytest.raises(compat.CompatError, match="sending_without_pause"):
+        compat.check()
+
+
 def test_check_notices_a_reactor_that_no_longer_polls_dimse_messages(monkeypatch):
     def waits_instead(self):
         self.dimse.get_msg(block=True)

@@ -27,7 +27,9 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,7 +45,7 @@ from dicom_node.net.listener import BACKLOG, DEFER_NAP_S, Deferral, SharedListen
 from dicom_node.net.pdu import BoundedPduReader, aborted_in_this_thread
 
 __all__ = ["SUPPORTED", "CompatError", "check", "SharedContexts", "install_wakeup",
-           "install_response_guard", "negotiated", "install_pdu_reader", "NodeServer",
+           "install_response_guard", "sending_without_pause", "negotiated", "install_pdu_reader", "NodeServer",
            "server_class", "register_server",
            "configure_process", "discard_partial_dataset", "received_write_error"]
 
@@ -116,6 +118,11 @@ def check() -> None:
              and isinstance(getattr(dimse_primitives.C_STORE, "is_valid_request", None), property),
              "the association reactor no longer polls DIMSE messages with get_msg(block=False) "
              "between pauses")
+    _require("sending_without_pause", "_is_paused" not in vars(Association)
+             and "self._is_paused: bool = False" in _source(Association.__init__)
+             and "while not self._is_paused:" in _source(Association.send_c_store)
+             and "self._is_paused = True" in reactor_loop,
+             "Association no longer waits on a plain _is_paused attribute for its reactor to pause")
     _require("NodeServer.get_request",
              list(inspect.signature(AssociationServer.get_request).parameters) == ["self"]
              and "wrap_socket" in _source(AssociationServer.get_request)
@@ -249,6 +256,10 @@ def install_wakeup(assoc: Association, idle_wait_s: float) -> None:
 
 # -- 2b. responses kept for the request that waits for them -------------------------
 
+# The DIMSE providers install_response_guard has guarded.
+_GUARDED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def install_response_guard(assoc: Association) -> None:
     """Let the association's reactor take only requests from the DIMSE queue,
     never the response a send_c_store or send_c_echo is waiting for.
@@ -277,6 +288,42 @@ def install_response_guard(assoc: Association) -> None:
 
     # An instance attribute over the method, on purpose: this association only.
     dimse.get_msg = get_msg  # type: ignore[method-assign]
+    _GUARDED.add(dimse)
+
+
+class _SendingWithoutPause(Association):
+    """An association whose reactor reads as paused (see sending_without_pause);
+    what the reactor writes is kept, for when the class is restored."""
+
+    @property
+    def _is_paused(self) -> bool:
+        return True
+
+    @_is_paused.setter
+    def _is_paused(self, value: bool) -> None:
+        self.__dict__["_is_paused"] = value
+
+
+@contextmanager
+def sending_without_pause(assoc: Association) -> Iterator[None]:
+    """Within the block, a send_c_store on ``assoc`` does not wait for the
+    association's reactor to pause.
+
+    Each send clears the reactor's checkpoint, then polls (0.1 ms naps)
+    until the reactor, which naps 1 ms between rounds, marks itself paused:
+    about 10 % of our C-STORE rate (367 -> 405 objects/s into storescp).
+    The pause only keeps the reactor from taking the response, which
+    install_response_guard (required here) already ensures, under the DIMSE
+    queue's lock.  Outside the block (A-RELEASE included) the association
+    waits for the pause as pynetdicom does."""
+    if assoc.dimse not in _GUARDED:
+        raise RuntimeError("sending_without_pause needs install_response_guard on the association")
+    original = assoc.__class__
+    assoc.__class__ = _SendingWithoutPause
+    try:
+        yield
+    finally:
+        assoc.__class__ = original
 
 
 # -- 3. the bounded PDU reader -------------------------------------------------------

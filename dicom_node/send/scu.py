@@ -156,15 +156,16 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
     accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     outcomes: list[StoreOutcome] = []
     try:
-        for req in requests:
-            syntaxes = {ts for cls, ts in accepted if cls == req.sop_class}
-            if not syntaxes:
-                outcomes.append(StoreOutcome(req.item_id, False, False,
-                                             f"{peer.ae_title} does not accept SOP class {req.sop_class}"))
-                continue
-            outcomes.append(_store_one(assoc, req, peer, syntaxes))
-            if not assoc.is_established:
-                break
+        with compat.sending_without_pause(assoc):
+            for req in requests:
+                syntaxes = {ts for cls, ts in accepted if cls == req.sop_class}
+                if not syntaxes:
+                    outcomes.append(StoreOutcome(req.item_id, False, False,
+                                                 f"{peer.ae_title} does not accept SOP class {req.sop_class}"))
+                    continue
+                outcomes.append(_store_one(assoc, req, peer, syntaxes))
+                if not assoc.is_established:
+                    break
     finally:
         if assoc.is_established:
             assoc.release()
