@@ -89,6 +89,12 @@ def main() -> None:
             node = NodeProcess(root / f"node-{n}", routes=[],
                                node={"workers": 0, "receivers": receivers}).start()
             results[f"dicom-node x{n}"] = storescu_time(node.port, "DICOM_NODE", files, n)
+            # The line for an association is logged as its thread ends, which
+            # may be just after storescu has exited.
+            deadline = time.monotonic() + 5
+            while (sum(map(len, association_split(node.log()).values())) < n
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
             splits[n] = association_split(node.log())
             node.stop()
             results[f"durable writes x{n}"] = durable_writes(root / f"disk-{n}", files, n)
