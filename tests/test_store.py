@@ -337,3 +337,22 @@ def test_result_files_leave_nothing_for_a_failed_job_or_a_result_not_returned(tm
             files.complete([_result("1.2.3.4")] + list(d for d, _ in files._early.values()))
     assert not (tmp_path / "job-9").exists() or not any((tmp_path / "job-9").iterdir())
     assert list(tmp.iterdir()) == []
+
+
+def test_result_files_of_an_earlier_attempt_are_removed_by_the_next(tmp_path):
+    """A worker killed mid-job leaves the files it wrote early; the job's
+    next attempt removes them, and leaves other jobs' and other writers' alone.
+    A block left without complete() (no result list) commits nothing."""
+    from dicom_node.store.results import ResultFiles
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with ResultFiles(tmp_path / "job-5", tmp, 5) as files:
+        files.early(_result("1.2.3.1"))
+    assert not any((tmp_path / "job-5").glob("*")) and list(tmp.iterdir()) == []
+    for name in ("job-5-0123abcd.part", "job-51-0123abcd.part", "0123abcd.part"):
+        (tmp / name).write_bytes(b"x")
+    with ResultFiles(tmp_path / "job-5", tmp, 5) as files:
+        assert sorted(p.name for p in tmp.iterdir()) == ["0123abcd.part", "job-51-0123abcd.part"]
+        files.complete([_result("1.2.3.2")])
+    assert [p.name for p in (tmp_path / "job-5").iterdir()] == ["1.2.3.2.dcm"]

@@ -9,7 +9,8 @@ leaving the ``with`` block fsyncs those, renames every file into the job's
 folder and fsyncs the folder (DurableBatch).  So the job is recorded done
 only with all of its files durable, exactly as when everything was written
 at the end; a pipeline that fails, or a result it handed over early and
-did not return, leaves nothing in the folder.
+did not return, leaves nothing in the folder, and what a worker that died
+mid-job wrote is removed by the job's next attempt.
 """
 
 from __future__ import annotations
@@ -32,13 +33,20 @@ __all__ = ["ResultFiles"]
 class ResultFiles:
     def __init__(self, folder: Path, tmp_dir: Path, job_id: int) -> None:
         self.folder, self.job_id = folder, job_id
-        self._batch = DurableBatch(tmp_dir)
+        # Named by job: a worker that died mid-job leaves its early files
+        # behind, and the job's next attempt (one worker runs a job at a
+        # time) removes them rather than leave them until the node restarts.
+        prefix = f"job-{job_id}-"
+        for orphan in tmp_dir.glob(f"{prefix}*.part"):
+            orphan.unlink(missing_ok=True)
+        self._batch = DurableBatch(tmp_dir, prefix)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"results-{job_id}")
         # id() of each dataset handed over early -> (the dataset, kept so
         # that its id stays its own; its file's final path when written).
         self._early: dict[int, tuple[Dataset, Future[Path]]] = {}
         self._folder_lock = Lock()
         self._folder_ready = False
+        self._completed = False
 
     def __enter__(self) -> ResultFiles:
         return self
@@ -62,13 +70,17 @@ class ResultFiles:
         for _, dropped in self._early.values():
             self._batch.drop(dropped.result())
         self._early.clear()
+        self._completed = True
         return paths
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         # Nothing may still be writing when the batch commits or cleans up.
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._batch.__exit__(kind, exc, tb)
+        if self._completed:
+            self._batch.__exit__(kind, exc, tb)
+        else:  # no result list: nothing is the job's result
+            self._batch.discard()
 
     def _write(self, ds: Dataset, sync: bool) -> Path:
         uid = str(ds.SOPInstanceUID)

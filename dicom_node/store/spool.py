@@ -91,10 +91,10 @@ class FolderSyncs:
         state.done = max(state.done, covers)
 
 
-def _write_part(tmp_dir: Path, data: bytes | memoryview, *, sync: bool) -> Path:
+def _write_part(tmp_dir: Path, data: bytes | memoryview, *, sync: bool, prefix: str = "") -> Path:
     """``data`` under a new temporary name in ``tmp_dir`` (fsynced if
     ``sync``); nothing left behind on an error."""
-    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+    tmp = tmp_dir / f"{prefix}{uuid.uuid4().hex}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         view = memoryview(data)
@@ -147,8 +147,9 @@ class DurableBatch:
 
     _SYNC_THREADS = 4
 
-    def __init__(self, tmp_dir: Path) -> None:
+    def __init__(self, tmp_dir: Path, prefix: str = "") -> None:
         self.tmp_dir = tmp_dir
+        self.prefix = prefix  # of the temporary files' names
         self._pending: list[tuple[Path, Path]] = []
         self._synced: set[Path] = set()  # temporary files fsynced when written
         self._lock = threading.Lock()  # write() and drop() may come from several threads
@@ -159,7 +160,7 @@ class DurableBatch:
     def write(self, target: Path, data: bytes | memoryview, *, sync: bool = False) -> None:
         """``data`` for ``target``; with ``sync``, fsynced now rather than
         with the others on commit (for a writer running ahead of it)."""
-        tmp = _write_part(self.tmp_dir, data, sync=sync)
+        tmp = _write_part(self.tmp_dir, data, sync=sync, prefix=self.prefix)
         with self._lock:
             self._pending.append((tmp, target))
             if sync:
@@ -180,8 +181,14 @@ class DurableBatch:
             if kind is None:
                 self._commit()
         finally:
-            for tmp, _ in self._pending:
-                tmp.unlink(missing_ok=True)  # gone once renamed
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove what is not committed (after a commit: nothing)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)  # gone once renamed
 
     def _commit(self) -> None:
         temps = [tmp for tmp, _ in self._pending if tmp not in self._synced]
