@@ -20,7 +20,6 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import build_context
 
@@ -153,17 +152,16 @@ def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
                else "refused, aborted or timed out")
         raise SendError(peer.name, f"cannot connect to {peer.host}:{peer.port} ({why})",
                         retryable=True)
-    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
     outcomes: list[StoreOutcome] = []
     try:
         with compat.sending_without_pause(assoc):
             for req in requests:
-                syntaxes = {ts for cls, ts in accepted if cls == req.sop_class}
-                if not syntaxes:
+                if req.sop_class not in accepted:
                     outcomes.append(StoreOutcome(req.item_id, False, False,
                                                  f"{peer.ae_title} does not accept SOP class {req.sop_class}"))
                     continue
-                outcomes.append(_store_one(assoc, req, peer, syntaxes))
+                outcomes.append(_store_one(assoc, req, peer))
                 if not assoc.is_established:
                     break
     finally:
@@ -186,11 +184,18 @@ def tls_args(peer: Peer, contexts: ClientContexts) -> tuple[ssl.SSLContext, str]
         raise SendError(peer.name, f"peers.{peer.name}.tls: {exc}", retryable=True) from exc
 
 
-def _store_one(assoc: Association, req: StoreRequest, peer: Peer, syntaxes: set[str]) -> StoreOutcome:
+def _store_one(assoc: Association, req: StoreRequest, peer: Peer) -> StoreOutcome:
     try:
-        # Group 0002 only: parsing the whole header here cost 0.5 ms an object.
-        as_written = str(split_dataset(req.path)[0].get("TransferSyntaxUID", "")) in syntaxes
-        rsp = assoc.send_c_store(req.path if as_written else dcmread(req.path))
+        try:
+            # As written, without decoding: pynetdicom reads the file's meta
+            # and sends it on the context accepted for its transfer syntax.
+            rsp = assoc.send_c_store(req.path)
+        except ValueError:
+            # No accepted context has the file's syntax (a peer taking only
+            # Implicit VR, say): a decoded copy, which pynetdicom converts.
+            # Checking the syntax first cost a second read of the file meta
+            # on every object (about 5 % of the send rate).
+            rsp = assoc.send_c_store(dcmread(req.path))
     except (OSError, ValueError, AttributeError) as exc:
         return StoreOutcome(req.item_id, False, False, f"cannot send {req.path.name}: {exc}")
     status = int(rsp.get("Status", -1)) if rsp else -1
