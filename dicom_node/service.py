@@ -122,7 +122,8 @@ class Node:
         self.receiver = Receiver(self.config, self.receive_store, self.spool, self.metrics,
                                  listener=self.listener)
         self.completer = Completer(self.config, self.store, self.metrics, data=data)
-        self.dispatcher = Dispatcher(self.config, self.store, self.metrics, data=data)
+        self.dispatcher = Dispatcher(self.config, self.store, self.metrics, data=data,
+                                     log_level=self.log_level, json_logs=self.json_logs)
         self.stop_event = threading.Event()
         self.model_problems: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
@@ -190,6 +191,7 @@ class Node:
             log.info("requeued %d unfinished jobs for the next start", len(requeued))
         for thread in self._threads:
             thread.join(5)
+        self.dispatcher.close()
         self.http.stop()
         log.info("stopped")
 

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from dicom_node.config import Peer
 from dicom_node.errors import SendError
 from dicom_node.send import scu
+from dicom_node.send.processes import SenderProcesses
 from dicom_node.send.scu import StoreRequest, send_files, send_files_parallel
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -29,7 +30,19 @@ def _requests(files: list[Path]) -> list[StoreRequest]:
             for i, f in enumerate(files)]
 
 
-def test_parallel_send_delivers_every_object_over_several_associations(tmp_path: Path) -> None:
+@pytest.fixture
+def sender_processes():
+    processes = SenderProcesses(3)
+    try:
+        yield processes
+    finally:
+        processes.close()
+
+
+@pytest.mark.parametrize("senders", ["threads", "processes"])
+def test_parallel_send_delivers_every_object_over_several_associations(tmp_path: Path, senders: str,
+                                                                       request) -> None:
+    processes = request.getfixturevalue("sender_processes") if senders == "processes" else None
     files = write_ct_series(tmp_path / "series", n=12, size=64, seed="parallel")
     received = tmp_path / "received"
     received.mkdir()
@@ -42,7 +55,7 @@ def test_parallel_send_delivers_every_object_over_several_associations(tmp_path:
                                         env=NODELAY_ENV, capture_output=True).returncode == 0, 20)
         peer = Peer(name="scp", ae_title="STORESCP", host="127.0.0.1", port=port)
         outcomes = send_files_parallel(peer, _requests(files), associations=3,
-                                       calling_ae="DICOM_NODE", timeout_s=20)
+                                       calling_ae="DICOM_NODE", timeout_s=20, processes=processes)
         assert sorted(o.item_id for o in outcomes) == list(range(12))
         assert all(o.ok for o in outcomes), [o.reason for o in outcomes if not o.ok]
         wait_for(lambda: len(list(received.iterdir())) == 12, 10)
@@ -97,6 +110,40 @@ def test_peer_at_its_association_limit_is_retried_not_dead(tmp_path: Path, limit
             return None
     outcomes = wait_for(retry, 10, interval=0.2)
     assert all(o.ok for o in outcomes), outcomes
+
+
+def test_a_sender_process_that_dies_fails_its_objects_retryably_and_is_replaced(
+        tmp_path: Path, sender_processes) -> None:
+    """A batch whose sender processes died fails retryably (nothing is
+    recorded as sent that was not acknowledged); the next batch starts new
+    processes and goes through."""
+    import os
+    import signal
+
+    requests = _requests(write_ct_series(tmp_path / "series", n=6, size=64, seed="dies"))
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    peer = Peer(name="scp", ae_title="SCP", host="127.0.0.1", port=port)
+    try:
+        first = send_files_parallel(peer, requests, associations=3, calling_ae="N", timeout_s=20,
+                                    processes=sender_processes)
+        assert all(o.ok for o in first), first
+        for pid in list(sender_processes._executor()._processes):  # noqa: SLF001 - the test kills them
+            os.kill(pid, signal.SIGKILL)
+        # Every share failed: as when no association could be made, the
+        # dispatcher gets one retryable SendError for the whole batch.
+        with pytest.raises(SendError, match="a sender process ended during the send") as info:
+            send_files_parallel(peer, requests, associations=3, calling_ae="N", timeout_s=20,
+                                processes=sender_processes)
+        assert info.value.retryable
+        again = send_files_parallel(peer, requests, associations=3, calling_ae="N", timeout_s=20,
+                                    processes=sender_processes)
+        assert all(o.ok for o in again), again
+    finally:
+        server.shutdown()
 
 
 def test_a_failed_association_fails_only_its_own_objects(tmp_path: Path, monkeypatch) -> None:

@@ -27,6 +27,7 @@ from dicom_node.errors import SendError
 from dicom_node.observability.logs import RepeatLog
 from dicom_node.observability.metrics import Metrics
 from dicom_node.send.dicomweb import send_dicomweb
+from dicom_node.send.processes import SenderProcesses
 from dicom_node.send.scu import StoreOutcome, StoreRequest, send_files_parallel
 from dicom_node.store.db import OutboxItem, Store
 from dicom_node.security.tls import ClientContexts
@@ -44,11 +45,15 @@ def backoff(attempts: int, initial: float, cap: float) -> float:
 
 class Dispatcher:
     def __init__(self, config: Config, store: Store, metrics: Metrics, *,
-                 data: DataDir | None = None) -> None:
+                 data: DataDir | None = None, log_level: str = "INFO", json_logs: bool = False) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
         self.tmp = (data or DataDir.of(config)).tmp
+        # A peer's parallel associations send from processes of their own
+        # (send/processes.py), started at its first batch.
+        most = max((p.send_associations for p in config.peers), default=1)
+        self._processes = SenderProcesses(most, log_level, json_logs) if most > 1 else None
         # Built once per peer, not per batch.
         self._tls = ClientContexts()
         self._failures = RepeatLog(log)
@@ -58,6 +63,11 @@ class Dispatcher:
         self._failing: dict[str, list[Any]] = {}
         # Dead letters: the first of each destination and reason, then a count.
         self._dead = RepeatLog(log, logging.ERROR, every_s=300)
+
+    def close(self) -> None:
+        """Stop the sender processes (after run_forever has returned)."""
+        if self._processes is not None:
+            self._processes.close()
 
     # How often an idle outbox looks for due items (one indexed read): the
     # wait is part of every job's time to results.
@@ -113,7 +123,8 @@ class Dispatcher:
                     outcomes = send_files_parallel(
                         peer, requests, associations=peer.send_associations,
                         calling_ae=self.config.node.ae_title,
-                        timeout_s=self.config.outbox.connect_timeout_s, tls_contexts=self._tls)
+                        timeout_s=self.config.outbox.connect_timeout_s, tls_contexts=self._tls,
+                        processes=self._processes)
             except SendError as exc:
                 for item in batch:
                     self._fail(item, exc.reason, retryable=exc.retryable)

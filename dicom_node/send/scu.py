@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom import dcmread
@@ -30,6 +31,9 @@ from dicom_node.net.pdu import BoundedPduReader, PduLimits, advertised_max_pdu
 from dicom_node.net.sockets import DUL_IDLE_WAIT_S, tune_socket
 from dicom_node.security.tls import ClientContexts, TlsError
 from dicom_node.send import statuses
+
+if TYPE_CHECKING:  # send/processes.py imports this module
+    from dicom_node.send.processes import SenderProcesses
 
 __all__ = ["StoreRequest", "StoreOutcome", "send_files", "send_files_parallel", "tls_args"]
 
@@ -88,26 +92,34 @@ def _rejection_watcher(results: list[int]) -> evt.EventHandlerType:
 
 def send_files_parallel(peer: Peer, requests: Sequence[StoreRequest], *, associations: int,
                         calling_ae: str, timeout_s: float = 30.0,
-                        tls_contexts: ClientContexts | None = None) -> list[StoreOutcome]:
+                        tls_contexts: ClientContexts | None = None,
+                        processes: SenderProcesses | None = None) -> list[StoreOutcome]:
     """Send over up to ``associations`` associations at once, the objects dealt
-    round-robin.  Raises SendError only when no association could be made;
-    the objects of a failed association come back as outcomes with its reason."""
+    round-robin: from ``processes`` when given (one process per association,
+    up to their number), else from threads of this one.  Raises SendError
+    only when no association could be made; the objects of a failed
+    association come back as outcomes with its reason."""
     count = max(1, min(associations, len(requests)))
+    if processes is not None:
+        count = min(count, processes.processes)
     if count == 1:
         return send_files(peer, requests, calling_ae=calling_ae, timeout_s=timeout_s,
                           tls_contexts=tls_contexts)
-    contexts = tls_contexts or ClientContexts()
     shares = [list(requests[i::count]) for i in range(count)]
+    if processes is not None:
+        results = processes.send(peer, shares, calling_ae=calling_ae, timeout_s=timeout_s)
+    else:
+        contexts = tls_contexts or ClientContexts()
 
-    def one(share: list[StoreRequest]) -> list[StoreOutcome] | SendError:
-        try:
-            return send_files(peer, share, calling_ae=calling_ae, timeout_s=timeout_s,
-                              tls_contexts=contexts)
-        except SendError as exc:
-            return exc
+        def one(share: list[StoreRequest]) -> list[StoreOutcome] | SendError:
+            try:
+                return send_files(peer, share, calling_ae=calling_ae, timeout_s=timeout_s,
+                                  tls_contexts=contexts)
+            except SendError as exc:
+                return exc
 
-    with ThreadPoolExecutor(count, thread_name_prefix=f"send-{peer.name}") as pool:
-        results = list(pool.map(one, shares))
+        with ThreadPoolExecutor(count, thread_name_prefix=f"send-{peer.name}") as pool:
+            results = list(pool.map(one, shares))
     errors = [r for r in results if isinstance(r, SendError)]
     if len(errors) == count:
         raise errors[0]
