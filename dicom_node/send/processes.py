@@ -13,6 +13,7 @@ retryable and are sent again.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -99,6 +100,7 @@ _CONTEXTS: ClientContexts | None = None
 
 def _start(log_level: str, json_logs: bool) -> None:
     global _CONTEXTS
+    multiprocessing.current_process().name = f"sender-{os.getpid()}"  # in each log line
     setup_logging(log_level, json_logs)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops them
     pynetdicom_compat.configure_process(send_chunked=True)  # files sent as written
