@@ -46,7 +46,8 @@ class _Failed:
 
 class SenderProcesses:
     """Up to ``processes`` sender processes, started when first needed and
-    kept for later batches (a process takes about a second to start)."""
+    kept for later batches (starting one took 0.4 s here: a new interpreter
+    and its imports)."""
 
     def __init__(self, processes: int, log_level: str = "INFO", json_logs: bool = False) -> None:
         self.processes = processes
