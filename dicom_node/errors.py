@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "DicomNodeError",
     "ConfigError",
@@ -78,6 +80,15 @@ class SendError(DicomNodeError):
         self.reason = reason
         self.status = status
         self.retryable = retryable
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its fields (a sender process returns it to the
+        # dispatcher): the default pickles the message, which __init__ does not take.
+        return _send_error, (self.destination, self.reason, self.status, self.retryable)
+
+
+def _send_error(destination: str, reason: str, status: int | None, retryable: bool) -> SendError:
+    return SendError(destination, reason, status=status, retryable=retryable)
 
 
 class JobStateError(DicomNodeError):

@@ -191,3 +191,12 @@ def test_one_status_table_for_c_store_and_stow_rs() -> None:
     assert statuses.is_permanent(0x0122) and not statuses.is_permanent(0xA702)
     assert statuses.describe(0x0122) == "0x0122 (SOP class not supported)"
     assert statuses.describe(0xA900) == "0xA900"
+
+
+def test_a_send_error_crosses_a_process_boundary_whole() -> None:
+    """A sender process returns its SendError to the dispatcher pickled."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(SendError("pacs", "refused", status=0xA700, retryable=True)))
+    assert (error.destination, error.reason, error.status, error.retryable) == ("pacs", "refused", 0xA700, True)
+    assert str(error) == "destination pacs: refused"

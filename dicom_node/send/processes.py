@@ -18,7 +18,6 @@ import signal
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from threading import Lock
 
 from dicom_node.config import Peer
@@ -26,22 +25,9 @@ from dicom_node.errors import SendError
 from dicom_node.net import pynetdicom_compat
 from dicom_node.observability.logs import setup_logging
 from dicom_node.security.tls import ClientContexts
-from dicom_node.send.scu import StoreOutcome, StoreRequest, send_files
+from dicom_node.send.scu import StoreOutcome, StoreRequest, send_share
 
 __all__ = ["SenderProcesses"]
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """A SendError as it crosses the process boundary."""
-
-    destination: str
-    reason: str
-    status: int | None
-    retryable: bool
-
-    def error(self) -> SendError:
-        return SendError(self.destination, self.reason, status=self.status, retryable=self.retryable)
 
 
 class SenderProcesses:
@@ -61,16 +47,15 @@ class SenderProcesses:
         outcomes, or the SendError that ended it (a dead sender process
         gives a retryable one)."""
         pool = self._executor()
-        futures: list[Future[list[StoreOutcome] | _Failed]] = [
+        futures: list[Future[list[StoreOutcome] | SendError]] = [
             pool.submit(_send_share, peer, list(share), calling_ae, timeout_s) for share in shares]
         results: list[list[StoreOutcome] | SendError] = []
         for future in futures:
             try:
-                result = future.result()
+                results.append(future.result())
             except BrokenProcessPool:
                 self._forget(pool)
-                result = _Failed(peer.name, "a sender process ended during the send", None, True)
-            results.append(result.error() if isinstance(result, _Failed) else result)
+                results.append(SendError(peer.name, "a sender process ended during the send", retryable=True))
         return results
 
     def close(self) -> None:
@@ -109,8 +94,5 @@ def _start(log_level: str, json_logs: bool) -> None:
 
 
 def _send_share(peer: Peer, share: list[StoreRequest], calling_ae: str,
-                timeout_s: float) -> list[StoreOutcome] | _Failed:
-    try:
-        return send_files(peer, share, calling_ae=calling_ae, timeout_s=timeout_s, tls_contexts=_CONTEXTS)
-    except SendError as exc:
-        return _Failed(exc.destination, exc.reason, exc.status, exc.retryable)
+                timeout_s: float) -> list[StoreOutcome] | SendError:
+    return send_share(peer, share, calling_ae, timeout_s, _CONTEXTS)

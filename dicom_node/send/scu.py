@@ -35,7 +35,7 @@ from dicom_node.send import statuses
 if TYPE_CHECKING:  # send/processes.py imports this module
     from dicom_node.send.processes import SenderProcesses
 
-__all__ = ["StoreRequest", "StoreOutcome", "send_files", "send_files_parallel", "tls_args"]
+__all__ = ["StoreRequest", "StoreOutcome", "send_files", "send_files_parallel", "send_share", "tls_args"]
 
 log = logging.getLogger("dicom_node.send")
 
@@ -110,16 +110,9 @@ def send_files_parallel(peer: Peer, requests: Sequence[StoreRequest], *, associa
         results = processes.send(peer, shares, calling_ae=calling_ae, timeout_s=timeout_s)
     else:
         contexts = tls_contexts or ClientContexts()
-
-        def one(share: list[StoreRequest]) -> list[StoreOutcome] | SendError:
-            try:
-                return send_files(peer, share, calling_ae=calling_ae, timeout_s=timeout_s,
-                                  tls_contexts=contexts)
-            except SendError as exc:
-                return exc
-
         with ThreadPoolExecutor(count, thread_name_prefix=f"send-{peer.name}") as pool:
-            results = list(pool.map(one, shares))
+            results = list(pool.map(lambda share: send_share(peer, share, calling_ae, timeout_s, contexts),
+                                    shares))
     errors = [r for r in results if isinstance(r, SendError)]
     if len(errors) == count:
         raise errors[0]
@@ -130,6 +123,16 @@ def send_files_parallel(peer: Peer, requests: Sequence[StoreRequest], *, associa
         else:
             outcomes += result
     return outcomes
+
+
+def send_share(peer: Peer, share: Sequence[StoreRequest], calling_ae: str, timeout_s: float,
+               contexts: ClientContexts | None) -> list[StoreOutcome] | SendError:
+    """One association's share of a parallel send: its outcomes, or the
+    SendError that kept the association from being made."""
+    try:
+        return send_files(peer, share, calling_ae=calling_ae, timeout_s=timeout_s, tls_contexts=contexts)
+    except SendError as exc:
+        return exc
 
 
 def send_files(peer: Peer, requests: Sequence[StoreRequest], *, calling_ae: str,
