@@ -25,7 +25,7 @@ from pydicom.filereader import (
     read_preamble,
 )
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_node.limits import PIXEL_TAGS, declared_pixel_bytes
 from dicom_node.receive.status import StoreStatus
@@ -121,7 +121,14 @@ def _read(fp: BinaryIO, size: int, bound: InflateBound) -> tuple[Dataset, str, b
     read_preamble(fp, False)
     meta = _read_file_meta_info(fp)
     transfer_syntax = str(meta.get("TransferSyntaxUID", ""))
-    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+    syntax = UID(transfer_syntax)
+    if transfer_syntax != DeflatedExplicitVRLittleEndian and syntax.is_transfer_syntax:
+        # On from the end of the meta: read_partial would parse it again
+        # (about a sixth of this function's time).
+        ds = read_dataset(fp, syntax.is_implicit_VR, syntax.is_little_endian,
+                          stop_when=_after_header, specific_tags=_TAGS)
+        return ds, transfer_syntax, False
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:  # no or an unknown syntax: pydicom guesses
         fp.seek(0)
         return read_partial(fp, stop_when=_after_header, specific_tags=_TAGS), transfer_syntax, False
     deflated = size - fp.tell()
