@@ -322,7 +322,8 @@ def test_result_files_leave_nothing_for_a_failed_job_or_a_result_not_returned(tm
         with ResultFiles(folder, tmp, 8) as files:
             files.early(_result("1.2.3.1"))
             raise RuntimeError("the pipeline failed after handing a result over")
-    assert not any(folder.glob("*")) and list(tmp.iterdir()) == []
+    # Not even the folder made for the early result stays behind.
+    assert not folder.exists() and list(tmp.iterdir()) == []
 
     kept, dropped = _result("1.2.3.1"), _result("1.2.3.2")
     with ResultFiles(folder, tmp, 8) as files:
@@ -335,8 +336,7 @@ def test_result_files_leave_nothing_for_a_failed_job_or_a_result_not_returned(tm
         with ResultFiles(tmp_path / "job-9", tmp, 9) as files:
             files.early(_result("1.x"))
             files.complete([_result("1.2.3.4")] + list(d for d, _ in files._early.values()))
-    assert not (tmp_path / "job-9").exists() or not any((tmp_path / "job-9").iterdir())
-    assert list(tmp.iterdir()) == []
+    assert not (tmp_path / "job-9").exists() and list(tmp.iterdir()) == []
 
 
 def test_result_files_of_an_earlier_attempt_are_removed_by_the_next(tmp_path):
@@ -349,10 +349,17 @@ def test_result_files_of_an_earlier_attempt_are_removed_by_the_next(tmp_path):
     tmp.mkdir()
     with ResultFiles(tmp_path / "job-5", tmp, 5) as files:
         files.early(_result("1.2.3.1"))
-    assert not any((tmp_path / "job-5").glob("*")) and list(tmp.iterdir()) == []
+    assert not (tmp_path / "job-5").exists() and list(tmp.iterdir()) == []
     for name in ("job-5-0123abcd.part", "job-51-0123abcd.part", "0123abcd.part"):
         (tmp / name).write_bytes(b"x")
     with ResultFiles(tmp_path / "job-5", tmp, 5) as files:
         assert sorted(p.name for p in tmp.iterdir()) == ["0123abcd.part", "job-51-0123abcd.part"]
         files.complete([_result("1.2.3.2")])
+    assert [p.name for p in (tmp_path / "job-5").iterdir()] == ["1.2.3.2.dcm"]
+    # A failed attempt never removes a folder that holds files.
+    with pytest.raises(RuntimeError):
+        with ResultFiles(tmp_path / "job-5", tmp, 5) as files:
+            files.early(_result("1.2.3.3"))
+            files._pool.submit(lambda: None).result()
+            raise RuntimeError("failed")
     assert [p.name for p in (tmp_path / "job-5").iterdir()] == ["1.2.3.2.dcm"]

@@ -46,6 +46,7 @@ class ResultFiles:
         self._early: dict[int, tuple[Dataset, Future[Path]]] = {}
         self._folder_lock = Lock()
         self._folder_ready = False
+        self._made_folder = False
         self._completed = False
 
     def __enter__(self) -> ResultFiles:
@@ -81,6 +82,7 @@ class ResultFiles:
             self._batch.__exit__(kind, exc, tb)
         else:  # no result list: nothing is the job's result
             self._batch.discard()
+            self._remove_empty_folder()
 
     def _write(self, ds: Dataset, sync: bool) -> Path:
         uid = str(ds.SOPInstanceUID)
@@ -100,4 +102,15 @@ class ResultFiles:
             if not self.folder.is_dir():
                 self.folder.mkdir(parents=True, exist_ok=True)
                 fsync_dir(self.folder.parent)  # the job's folder itself must survive a crash
+                self._made_folder = True
             self._folder_ready = True
+
+    def _remove_empty_folder(self) -> None:
+        """The folder made for early results of a job that then failed."""
+        if not self._made_folder:
+            return
+        try:
+            self.folder.rmdir()  # only if empty: never a file of an earlier attempt
+        except OSError:
+            return
+        fsync_dir(self.folder.parent)
