@@ -461,6 +461,39 @@ def test_varied_phantom_rounded_is_opt_in_and_labelled() -> None:
             assert VARIED_CARDIOMEGALY_CTR_RANGE["subtle"][0] <= a.ctr
 
 
+def test_varied_phantom_shaped_is_opt_in_and_keeps_the_drawn_ratio() -> None:
+    """``shaped`` defaults off, changes the heart, and keeps the drawn CTR and
+    the labels: the tilted, irregular heart spans as wide as drawn, measured
+    as the clinical CTR is (largest extents right and left of the heart's
+    axis, whatever the row) on the rendered heart mask."""
+    for i, finding in enumerate([None, None, "cardiomegaly", "cardiomegaly", *FINDINGS]):
+        severity = "subtle" if finding == "cardiomegaly" else None
+        plain = make_varied_radiograph(np.random.default_rng([23, i]), finding, (260, 230),
+                                       severity)
+        off = make_varied_radiograph(np.random.default_rng([23, i]), finding, (260, 230),
+                                     severity, shaped=False)
+        assert np.array_equal(plain.image, off.image)
+        a = make_varied_radiograph(np.random.default_rng([23, i]), finding, (260, 230),
+                                   severity, shaped=True)
+        b = make_varied_radiograph(np.random.default_rng([23, i]), finding, (260, 230),
+                                   severity, shaped=True)
+        assert np.array_equal(a.image, b.image) and not np.array_equal(a.heart, plain.heart)
+        assert a.mask.any() == (finding is not None)
+        cols = np.where(a.heart.any(axis=0))[0]
+        thorax = int(_row_spans_max(a.lungs))
+        if finding is None:
+            assert VARIED_NORMAL_CTR_RANGE[0] <= a.ctr <= VARIED_NORMAL_CTR_RANGE[1]
+            assert (cols[-1] - cols[0] + 1) / thorax < 0.5
+        elif finding == "cardiomegaly":
+            assert VARIED_CARDIOMEGALY_CTR_RANGE["subtle"][0] <= a.ctr
+            assert (cols[-1] - cols[0] + 1) / thorax > 0.5
+
+
+def _row_spans_max(mask: np.ndarray) -> int:
+    rows = [np.where(r)[0] for r in mask if r.any()]
+    return max(int(r[-1] - r[0] + 1) for r in rows)
+
+
 def _lung_rim_minus_core(rad: Radiograph) -> float:
     """Brightness of a lung's 4 px rim minus its core (eroded 14 px), in image sd."""
     def disc(r: int) -> np.ndarray:

@@ -43,7 +43,7 @@ where torch, scipy and scikit-image are not installed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -134,6 +134,9 @@ class _Anatomy:
     heart_l: float              # radius towards the patient's left
     heart_h: float              # vertical radius
     hilum: tuple[float, float]  # (u, Y) of the hila
+    heart_tilt: float = 0.0     # radians, long axis turned down towards the left
+    # (amplitude, phase) of the outline's 2nd, 3rd, ... harmonics; () = ellipse
+    heart_harmonics: tuple[tuple[float, float], ...] = ()
 
 
 class _Frame:
@@ -325,10 +328,24 @@ def _lung_distance(u: np.ndarray, Y: np.ndarray, a: _Anatomy, k: int) -> np.ndar
 def _heart_profile(X: np.ndarray, Y: np.ndarray, a: _Anatomy,
                    steepness: float = 3.0) -> np.ndarray:
     """Projected thickness of the heart (0 outside), asymmetric ellipse; a
-    lower ``steepness`` gives a softer, more gradual border."""
-    rx = np.where(X < a.heart_x, a.heart_r, a.heart_l)
-    r2 = ((X - a.heart_x) / rx) ** 2 + ((Y - a.heart_y) / a.heart_h) ** 2
-    return np.clip(steepness * np.sqrt(np.clip(1.0 - r2, 0.0, 1.0)), 0.0, 1.0)
+    lower ``steepness`` gives a softer, more gradual border.  A tilted heart
+    turns the ellipse, and harmonics make its outline irregular."""
+    if a.heart_tilt == 0.0 and not a.heart_harmonics:
+        rx = np.where(X < a.heart_x, a.heart_r, a.heart_l)
+        r2 = ((X - a.heart_x) / rx) ** 2 + ((Y - a.heart_y) / a.heart_h) ** 2
+        return np.clip(steepness * np.sqrt(np.clip(1.0 - r2, 0.0, 1.0)), 0.0, 1.0)
+    c, s = math.cos(a.heart_tilt), math.sin(a.heart_tilt)
+    dx = (X - a.heart_x) * c + (Y - a.heart_y) * s
+    dy = (Y - a.heart_y) * c - (X - a.heart_x) * s
+    ex, ey = dx / np.where(dx < 0.0, a.heart_r, a.heart_l), dy / a.heart_h
+    r2 = ex ** 2 + ey ** 2
+    if a.heart_harmonics:
+        theta = np.arctan2(ey, ex)
+        outline = 1.0 + sum(amp * np.cos(k * theta + phase)
+                            for k, (amp, phase) in enumerate(a.heart_harmonics, start=2))
+        r2 = r2 / outline ** 2
+    return np.clip(steepness * np.sqrt(np.clip(1.0 - r2, 0.0, 1.0)), 0.0, 1.0
+                   ).astype(np.float32)
 
 
 def _disc_profile(X: np.ndarray, Y: np.ndarray, x0: float, y0: float,
@@ -607,7 +624,7 @@ def _checked(rng: np.random.Generator, finding: str | None, size: tuple[int, int
 def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
                            size: tuple[int, int] = (256, 256),
                            severity: str | None = None,
-                           rounded: bool = False) -> Radiograph:
+                           rounded: bool = False, shaped: bool = False) -> Radiograph:
     """A domain-randomised radiograph (same arguments and truth as ``make_radiograph``).
 
     The image is presentation-ready ([0, 1], bright = dense); stored bit
@@ -618,6 +635,12 @@ def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
     volume, not a slab of constant thickness: its borders fade over a random
     width instead of being cut out) and the heart's border is softer.
     Without it every seed renders the image it rendered before the option.
+
+    ``shaped`` varies the heart and the lung bases beyond an upright ellipse
+    resting on the domes: the heart's long axis tilts down to the left, its
+    outline is irregular, it sits lower, reaching over the left dome, and a
+    cardiophrenic fat pad fills the angle between heart and diaphragm.  Off
+    by default for the same reason as ``rounded``.
     """
     rows, cols, severity = _checked(rng, finding, size, severity)
 
@@ -625,6 +648,10 @@ def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
     frame = _Frame(rows, cols, scale, rng.normal(0.0, 4.0),
                    (rng.uniform(-0.08, 0.08), rng.uniform(-0.12, 0.08)))
     anat = _draw_anatomy_varied(rng, finding, severity)
+    # The drawn ratio: a shaped heart keeps its horizontal extent.
+    ctr = (anat.heart_r + anat.heart_l) / (anat.u_max[0] + anat.u_max[1])
+    if shaped:
+        anat = _shaped_heart(rng, anat)
     side_idx = int(rng.integers(2))
     side = ("right", "left")[side_idx] if finding not in (None, "cardiomegaly") else None
 
@@ -644,6 +671,8 @@ def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
     density = _body_varied(rng, X, Y, anat)
     density += rng.uniform(0.6, 1.6) * _spine(X, Y)
     density += _BODY * rng.uniform(0.0, 0.12) * heart_t
+    if shaped:
+        density += _fat_pads(rng, X, Y, anat)
 
     air_scale = [np.ones_like(X), np.ones_like(X)]
     marking_keep = [np.ones_like(X), np.ones_like(X)]
@@ -690,7 +719,6 @@ def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
     image, mask, lungs, heart = _warp(rng, image, mask, lungs, heart)
     image, field = _collimate(rng, image)
     _side_markers(rng, image)
-    ctr = (anat.heart_r + anat.heart_l) / (anat.u_max[0] + anat.u_max[1])
     return Radiograph(image=image, finding=finding, severity=severity, side=side,
                       mask=mask & field, lungs=lungs, heart=heart, ctr=float(ctr))
 
@@ -719,6 +747,45 @@ def _draw_anatomy_varied(rng: np.random.Generator, finding: str | None,
         heart_r=heart_r, heart_l=width - heart_r,
         heart_h=rng.uniform(0.13, 0.20) * (1.0 + 1.2 * max(0.0, ctr - 0.5)),
         hilum=(rng.uniform(0.08, 0.13), rng.uniform(-0.10, -0.03)))
+
+
+def _shaped_heart(rng: np.random.Generator, a: _Anatomy) -> _Anatomy:
+    """The heart tilted, lower and with an irregular outline, its horizontal
+    extent on each side of ``heart_x`` (so the drawn cardiothoracic ratio)
+    kept as drawn."""
+    harmonics = tuple((float(rng.uniform(0.0, 0.04)), float(rng.uniform(0.0, 2 * math.pi)))
+                      for _ in range(3))
+    shaped = replace(a, heart_tilt=float(rng.uniform(0.0, 0.6)), heart_harmonics=harmonics,
+                     heart_y=a.dome[1] - float(rng.uniform(-0.02, 0.07)))
+    for _ in range(3):  # the two half-widths interact through the turn
+        right, left = _heart_extent(shaped)
+        shaped = replace(shaped, heart_r=shaped.heart_r * a.heart_r / right,
+                         heart_l=shaped.heart_l * a.heart_l / left)
+    return shaped
+
+
+def _heart_extent(a: _Anatomy) -> tuple[float, float]:
+    """How far the heart's outline reaches right and left of ``heart_x``."""
+    theta = np.linspace(0.0, 2 * math.pi, 721)
+    g = 1.0 + sum(amp * np.cos(k * theta + phase)
+                  for k, (amp, phase) in enumerate(a.heart_harmonics, start=2))
+    ex = np.where(np.cos(theta) < 0.0, a.heart_r, a.heart_l) * g * np.cos(theta)
+    ey = a.heart_h * g * np.sin(theta)
+    x = ex * math.cos(a.heart_tilt) - ey * math.sin(a.heart_tilt)
+    return float(-x.min()), float(x.max())
+
+
+def _fat_pads(rng: np.random.Generator, X: np.ndarray, Y: np.ndarray,
+              a: _Anatomy) -> np.ndarray:
+    """Soft-tissue density in the cardiophrenic angles (one side or both)."""
+    out = np.zeros_like(X)
+    for sign, extent, dome in ((-1.0, a.heart_r, a.dome[0]), (1.0, a.heart_l, a.dome[1])):
+        if rng.random() < 0.5:
+            continue
+        x0 = a.heart_x + sign * extent * float(rng.uniform(0.7, 1.0))
+        r = float(rng.uniform(0.03, 0.08))
+        out += _BODY * float(rng.uniform(0.03, 0.12)) * _disc_profile(X, Y, x0, dome, r)
+    return out
 
 
 def _body_varied(rng: np.random.Generator, X: np.ndarray, Y: np.ndarray,

@@ -81,6 +81,13 @@ DEFAULT_SHARE = 0.2
 # borders (make_varied_radiograph(rounded=True)); model 1.1.0, trained on
 # slab-like lungs only, scored rounded normal lungs as abnormal.
 ROUNDED_SHARE = 0.5
+# Share of the domain-randomised images with a tilted, lower, irregular heart
+# and cardiophrenic fat pads (make_varied_radiograph(shaped=True)), set by
+# --shaped-share; 0 (the shipped model's family) draws nothing for it, so
+# every image stays as it was.  Model 1.2.0 put its strongest false alarms
+# on independently drawn normals in the cardiophrenic angles; 0.5 was tried
+# and ranked the independent family worse (README).
+SHAPED_SHARE = 0.0
 # Cache prefix of the training-family splits: bumped whenever their images change.
 FAMILY_DATA = "v2"
 CHUNK = 2000
@@ -186,8 +193,9 @@ def make_split(seed: int, split: str, n: int, start: int = 0) -> Split:
         else:
             if rng.random() >= DEFAULT_SHARE:
                 rounded = bool(rng.random() < ROUNDED_SHARE)
+                shaped = SHAPED_SHARE > 0 and bool(rng.random() < SHAPED_SHARE)
                 rad = make_varied_radiograph(rng, finding, random_size(rng), severity or None,
-                                             rounded=rounded)
+                                             rounded=rounded, shaped=shaped)
             else:
                 rad = make_radiograph(rng, finding, random_size(rng), severity or None)
             image = as_presented(rng, rad.image)
@@ -247,7 +255,8 @@ def is_cached(work: Path, seed: int, split: str, n: int) -> bool:
 def _stem(split: str, seed: int) -> str:
     """Cache file stem; training-family splits carry ``FAMILY_DATA``."""
     if split in ("train", "val", "test"):
-        return f"{split}_{FAMILY_DATA}_seed{seed}"
+        shaped = f"-shaped{SHAPED_SHARE:g}" if SHAPED_SHARE > 0 else ""
+        return f"{split}_{FAMILY_DATA}{shaped}_seed{seed}"
     return f"{split}_seed{seed}"
 
 
@@ -355,7 +364,7 @@ def to_tensor(x: np.ndarray) -> torch.Tensor:
 
 
 def train(net: TriageNet, tr: Split, va: Split, epochs: int, batch: int, lr: float,
-          seed: int, map_weight: float) -> None:
+          seed: int, map_weight: float, style: bool = False) -> None:
     """AdamW with a one-cycle schedule; prints validation AUC per epoch.
 
     Loss = image-level BCE + ``map_weight`` * location-level BCE of the
@@ -379,6 +388,8 @@ def train(net: TriageNet, tr: Split, va: Split, epochs: int, batch: int, lr: flo
             x = to_tensor(tr.x[idx])
             m = torch.from_numpy(tr.masks[idx]).float().unsqueeze(1)
             x, m = augment(x, m, gen)
+            if style:
+                x = restyle(x, gen)
             cam = net.activation_map(x)
             target = F.avg_pool2d(m, INPUT_SIZE // cam.shape[-1])
             loss = (F.binary_cross_entropy_with_logits(net.pool(cam).squeeze(1),
@@ -418,6 +429,36 @@ def augment(x: torch.Tensor, m: torch.Tensor, gen: torch.Generator
     m = F.grid_sample(m, grid, align_corners=False)
     gamma = torch.empty(n, 1, 1, 1).uniform_(0.7, 1.4, generator=gen)
     return x.clamp(1e-4, 1.0) ** gamma, m
+
+
+def restyle(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Rendering variation the generators cannot exhaust, drawn anew every
+    epoch: edge enhancement or blur (unsharp mask of random amount and
+    radius), white or correlated noise, a smooth gain field and a contrast
+    stretch that clips differently.  Zero pixels (the letterbox pad and what
+    the percentile normalisation clipped) stay zero, as at inference."""
+    n = len(x)
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.empty(n, 1, 1, 1).uniform_(lo, hi, generator=gen)
+
+    def chance(p: float) -> torch.Tensor:
+        return (torch.rand(n, 1, 1, 1, generator=gen) < p).float()
+
+    zero = x <= 0.0
+    radius = int(torch.randint(1, 4, (1,), generator=gen))
+    base = F.avg_pool2d(x, 2 * radius + 1, 1, radius, count_include_pad=False)
+    x = x + chance(0.6) * uniform(-0.7, 1.5) * (x - base)
+    noise = torch.randn(x.shape, generator=gen)
+    if bool(torch.rand(1, generator=gen) < 0.5):
+        noise = 2.0 * F.avg_pool2d(noise, 3, 1, 1, count_include_pad=False)
+    x = x + chance(0.5) * uniform(0.0, 0.04) * noise
+    field = F.interpolate(torch.randn(n, 1, 4, 4, generator=gen), size=x.shape[-2:],
+                          mode="bilinear", align_corners=False)
+    x = x * (1.0 + chance(0.5) * uniform(0.0, 0.12) * field)
+    lo, hi = uniform(0.0, 0.06), uniform(0.94, 1.0)
+    x = (x - lo) / (hi - lo)
+    return x.clamp(0.0, 1.0).masked_fill(zero, 0.0)
 
 
 @torch.no_grad()
@@ -640,6 +681,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--version", default="1.2.0", help="model version for the manifest")
     ap.add_argument("--map-weight", type=float, default=1.0,
                     help="weight of the mask-supervised activation-map loss")
+    ap.add_argument("--shaped-share", type=float, default=SHAPED_SHARE,
+                    help="share of the domain-randomised images drawn with shaped=True "
+                         "(0: none, and the images are exactly the shipped model's)")
+    ap.add_argument("--style", action="store_true",
+                    help="also restyle every training batch (edge enhancement or blur, "
+                         "noise, gain field, contrast stretch; see restyle)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch/onnxruntime threads (default: all cores)")
     ap.add_argument("--reuse-checkpoint", action="store_true",
@@ -669,6 +716,8 @@ def previous_model(manifest_path: Path, sets: dict[str, tuple[Split, tuple[str, 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    global SHAPED_SHARE
+    SHAPED_SHARE = args.shaped_share
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)  # generation is per image and tiny; avoid oversubscription
@@ -700,7 +749,8 @@ def main(argv: list[str] | None = None) -> None:
         net.load_state_dict(torch.load(checkpoint))
         train_s = float(timing.read_text()) if timing.exists() else float("nan")
     else:
-        train(net, tr, va, args.epochs, args.batch, args.lr, args.seed, args.map_weight)
+        train(net, tr, va, args.epochs, args.batch, args.lr, args.seed, args.map_weight,
+              args.style)
         torch.save(net.state_dict(), checkpoint)
         train_s = time.perf_counter() - t0
         timing.write_text(f"{train_s:.1f}\n")
@@ -758,7 +808,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{round(100 * ROUNDED_SHARE)} % of them with rounded=True - the air "
             "path through each lung thinning towards its borders over 0.02-0.14 "
             "chest units (profile exponent 0.3-0.9) instead of a constant-thickness "
-            "slab, and a softer heart border; habitus - "
+            "slab, and a softer heart border; "
+            + (f"independently of that {round(100 * SHAPED_SHARE)} % with shaped=True - "
+               "the heart's long axis tilted 0-34 deg down to the left, an irregular "
+               "outline (2nd-4th harmonics up to 4 % each), lower (centre 0.07 above to "
+               "0.02 below the left dome), cardiophrenic fat pads; "
+               if SHAPED_SHARE > 0 else "")
+            + "habitus - "
             "trunk width, shape and fat, neck, arms, breast shadows, gastric bubble; "
             "lung and heart shape and size, CTR 0.34-0.47 normal and 0.53-0.72 "
             "enlarged; rib count, curve, width, contrast, cortical or solid, anterior "
@@ -793,7 +849,12 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch,
         "optimizer": f"AdamW one-cycle max lr {args.lr}, weight decay {WEIGHT_DECAY}",
         "augmentation": ("on the fly: left-right flip (p 0.5), rotation +-6 deg, scale "
-                         "0.9-1.1, shift +-6 %, gamma 0.7-1.4 on the normalised input"),
+                         "0.9-1.1, shift +-6 %, gamma 0.7-1.4 on the normalised input"
+                         + ("; restyle: unsharp mask amount -0.7-1.5 radius 1-3 px "
+                            "(p 0.6), white or correlated noise sd 0-0.04 (p 0.5), "
+                            "smooth gain field up to 12 % (p 0.5), contrast stretch "
+                            "clipping 0-6 % at each end; zero pixels kept zero"
+                            if args.style else "")),
         "loss": (f"BCE(image logit) + {args.map_weight} x BCE(activation map, "
                  f"abnormality mask area per 16x16 cell, pos_weight {MAP_POS_WEIGHT})"),
         "threads": args.threads,
