@@ -121,16 +121,16 @@ def _read(fp: BinaryIO, size: int, bound: InflateBound) -> tuple[Dataset, str, b
     read_preamble(fp, False)
     meta = _read_file_meta_info(fp)
     transfer_syntax = str(meta.get("TransferSyntaxUID", ""))
-    syntax = UID(transfer_syntax)
-    if transfer_syntax != DeflatedExplicitVRLittleEndian and syntax.is_transfer_syntax:
-        # On from the end of the meta: read_partial would parse it again
-        # (about a sixth of this function's time).
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+        syntax = UID(transfer_syntax)
+        if not syntax.is_transfer_syntax:  # no or an unknown syntax: pydicom guesses
+            fp.seek(0)
+            return read_partial(fp, stop_when=_after_header, specific_tags=_TAGS), transfer_syntax, False
+        # On from the end of the meta, which read_partial would parse again
+        # (700 -> 500 us an instance).
         ds = read_dataset(fp, syntax.is_implicit_VR, syntax.is_little_endian,
                           stop_when=_after_header, specific_tags=_TAGS)
         return ds, transfer_syntax, False
-    if transfer_syntax != DeflatedExplicitVRLittleEndian:  # no or an unknown syntax: pydicom guesses
-        fp.seek(0)
-        return read_partial(fp, stop_when=_after_header, specific_tags=_TAGS), transfer_syntax, False
     deflated = size - fp.tell()
     window, total = _inflate(fp, bound.limit(deflated), deflated)
     ds = read_dataset(BytesIO(window), is_implicit_VR=False, is_little_endian=True,

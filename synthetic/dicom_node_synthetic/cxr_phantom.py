@@ -340,12 +340,16 @@ def _heart_profile(X: np.ndarray, Y: np.ndarray, a: _Anatomy,
     ex, ey = dx / np.where(dx < 0.0, a.heart_r, a.heart_l), dy / a.heart_h
     r2 = ex ** 2 + ey ** 2
     if a.heart_harmonics:
-        theta = np.arctan2(ey, ex)
-        outline = 1.0 + sum(amp * np.cos(k * theta + phase)
-                            for k, (amp, phase) in enumerate(a.heart_harmonics, start=2))
-        r2 = r2 / outline ** 2
+        r2 = r2 / _outline(np.arctan2(ey, ex), a) ** 2
     return np.clip(steepness * np.sqrt(np.clip(1.0 - r2, 0.0, 1.0)), 0.0, 1.0
                    ).astype(np.float32)
+
+
+def _outline(theta: np.ndarray, a: _Anatomy) -> np.ndarray:
+    """Radius of the heart's outline at angle ``theta``, relative to the ellipse."""
+    return 1.0 + sum((amp * np.cos(k * theta + phase)
+                      for k, (amp, phase) in enumerate(a.heart_harmonics, start=2)),
+                     np.zeros_like(theta))
 
 
 def _disc_profile(X: np.ndarray, Y: np.ndarray, x0: float, y0: float,
@@ -636,8 +640,8 @@ def make_varied_radiograph(rng: np.random.Generator, finding: str | None = None,
     width instead of being cut out) and the heart's border is softer.
     Without it every seed renders the image it rendered before the option.
 
-    ``shaped`` varies the heart and the lung bases beyond an upright ellipse
-    resting on the domes: the heart's long axis tilts down to the left, its
+    ``shaped`` varies the heart beyond an upright ellipse resting on the
+    domes: the heart's long axis tilts down to the left, its
     outline is irregular, it sits lower, reaching over the left dome, and a
     cardiophrenic fat pad fills the angle between heart and diaphragm.  Off
     by default for the same reason as ``rounded``.
@@ -767,8 +771,7 @@ def _shaped_heart(rng: np.random.Generator, a: _Anatomy) -> _Anatomy:
 def _heart_extent(a: _Anatomy) -> tuple[float, float]:
     """How far the heart's outline reaches right and left of ``heart_x``."""
     theta = np.linspace(0.0, 2 * math.pi, 721)
-    g = 1.0 + sum(amp * np.cos(k * theta + phase)
-                  for k, (amp, phase) in enumerate(a.heart_harmonics, start=2))
+    g = _outline(theta, a)
     ex = np.where(np.cos(theta) < 0.0, a.heart_r, a.heart_l) * g * np.cos(theta)
     ey = a.heart_h * g * np.sin(theta)
     x = ex * math.cos(a.heart_tilt) - ey * math.sin(a.heart_tilt)

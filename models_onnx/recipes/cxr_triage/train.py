@@ -83,7 +83,7 @@ DEFAULT_SHARE = 0.2
 ROUNDED_SHARE = 0.5
 # Share of the domain-randomised images with a tilted, lower, irregular heart
 # and cardiophrenic fat pads (make_varied_radiograph(shaped=True)), set by
-# --shaped-share; 0 (the shipped model's family) draws nothing for it, so
+# --shaped-share (the default here); 0 (the shipped model's family) draws nothing for it, so
 # every image stays as it was.  Model 1.2.0 put its strongest false alarms
 # on independently drawn normals in the cardiophrenic angles; 0.5 was tried
 # and ranked the independent family worse (README).
@@ -172,7 +172,8 @@ def as_presented(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return presentation(ds)
 
 
-def make_split(seed: int, split: str, n: int, start: int = 0) -> Split:
+def make_split(seed: int, split: str, n: int, start: int = 0,
+               shaped_share: float = SHAPED_SHARE) -> Split:
     """Generate a split; image i uses the generator seeded (seed, split id, i).
 
     "train", "val" and "test" draw from the training family (domain-randomised
@@ -193,7 +194,7 @@ def make_split(seed: int, split: str, n: int, start: int = 0) -> Split:
         else:
             if rng.random() >= DEFAULT_SHARE:
                 rounded = bool(rng.random() < ROUNDED_SHARE)
-                shaped = SHAPED_SHARE > 0 and bool(rng.random() < SHAPED_SHARE)
+                shaped = shaped_share > 0 and bool(rng.random() < shaped_share)
                 rad = make_varied_radiograph(rng, finding, random_size(rng), severity or None,
                                              rounded=rounded, shaped=shaped)
             else:
@@ -227,35 +228,38 @@ def make_independent_split(seed: int, n: int) -> Split:
     return Split(x, y, np.array(findings), np.array([""] * n), masks)
 
 
-def load_or_make(work: Path, seed: int, split: str, n: int) -> Split:
+def load_or_make(work: Path, seed: int, split: str, n: int,
+                 shaped_share: float = SHAPED_SHARE) -> Split:
     """Cache generated splits in the work folder (keyed by seed, split and size);
     large splits are made and cached in chunks of ``CHUNK`` images, so a
     shorter run can reuse the first chunks of a longer one."""
-    stem = _stem(split, seed)
+    stem = _stem(split, seed, shaped_share)
     if n >= CHUNK and split != "independent":
         parts = [_cached(work / f"{stem}_{a}-{min(a + CHUNK, n)}.npz",
-                         lambda a=a: make_split(seed, split, min(CHUNK, n - a), a))
+                         lambda a=a: make_split(seed, split, min(CHUNK, n - a), a,
+                                                    shaped_share))
                  for a in range(0, n, CHUNK)]
         return Split(*(np.concatenate([getattr(p, f) for p in parts])
                        for f in ("x", "y", "finding", "severity", "masks")))
     make = ((lambda: make_independent_split(seed, n)) if split == "independent"
-            else (lambda: make_split(seed, split, n)))
+            else (lambda: make_split(seed, split, n, shaped_share=shaped_share)))
     return _cached(work / f"{stem}_n{n}.npz", make)
 
 
-def is_cached(work: Path, seed: int, split: str, n: int) -> bool:
+def is_cached(work: Path, seed: int, split: str, n: int,
+              shaped_share: float = SHAPED_SHARE) -> bool:
     """Whether ``load_or_make`` will find the whole split in the cache."""
-    stem = _stem(split, seed)
+    stem = _stem(split, seed, shaped_share)
     if n >= CHUNK and split != "independent":
         return all((work / f"{stem}_{a}-{min(a + CHUNK, n)}.npz").exists()
                    for a in range(0, n, CHUNK))
     return (work / f"{stem}_n{n}.npz").exists()
 
 
-def _stem(split: str, seed: int) -> str:
+def _stem(split: str, seed: int, shaped_share: float = SHAPED_SHARE) -> str:
     """Cache file stem; training-family splits carry ``FAMILY_DATA``."""
     if split in ("train", "val", "test"):
-        shaped = f"-shaped{SHAPED_SHARE:g}" if SHAPED_SHARE > 0 else ""
+        shaped = f"-shaped{shaped_share:g}" if shaped_share > 0 else ""
         return f"{split}_{FAMILY_DATA}{shaped}_seed{seed}"
     return f"{split}_seed{seed}"
 
@@ -716,8 +720,6 @@ def previous_model(manifest_path: Path, sets: dict[str, tuple[Split, tuple[str, 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    global SHAPED_SHARE
-    SHAPED_SHARE = args.shaped_share
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(1)  # generation is per image and tiny; avoid oversubscription
@@ -728,8 +730,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     sizes = {"train": args.n_train, "val": args.n_val, "test": args.n_test,
              "default": args.n_default, "independent": args.n_independent}
-    cached = all(is_cached(args.work, args.seed, sp, n) for sp, n in sizes.items())
-    tr, va, te, de, ind = (load_or_make(args.work, args.seed, sp, n)
+    cached = all(is_cached(args.work, args.seed, sp, n, args.shaped_share)
+                 for sp, n in sizes.items())
+    tr, va, te, de, ind = (load_or_make(args.work, args.seed, sp, n, args.shaped_share)
                            for sp, n in sizes.items())
     data_s = time.perf_counter() - t0
     print(f"data ready in {data_s:.0f} s (cached: {cached})", flush=True)
@@ -809,11 +812,11 @@ def main(argv: list[str] | None = None) -> None:
             "path through each lung thinning towards its borders over 0.02-0.14 "
             "chest units (profile exponent 0.3-0.9) instead of a constant-thickness "
             "slab, and a softer heart border; "
-            + (f"independently of that {round(100 * SHAPED_SHARE)} % with shaped=True - "
+            + (f"independently of that {round(100 * args.shaped_share)} % with shaped=True - "
                "the heart's long axis tilted 0-34 deg down to the left, an irregular "
                "outline (2nd-4th harmonics up to 4 % each), lower (centre 0.07 above to "
                "0.02 below the left dome), cardiophrenic fat pads; "
-               if SHAPED_SHARE > 0 else "")
+               if args.shaped_share > 0 else "")
             + "habitus - "
             "trunk width, shape and fat, neck, arms, breast shadows, gastric bubble; "
             "lung and heart shape and size, CTR 0.34-0.47 normal and 0.53-0.72 "
