@@ -488,3 +488,99 @@ def test_check_notices_a_reactor_that_no_longer_polls_dimse_messages(monkeypatch
     monkeypatch.setattr(Association, "_run_reactor", waits_instead)
     with pytest.raises(compat.CompatError, match="install_response_guard"):
         compat.check()
+
+
+# -- the association reactor's nap ---------------------------------------------------
+
+def _nap_in_thread(seconds: float, wake: threading.Event | None) -> float:
+    """How long pynetdicom.association's time.sleep(seconds) lasted in a
+    thread that carries ``wake`` as an association's reactor does."""
+    from pynetdicom import association as association_module
+
+    took: list[float] = []
+
+    def nap() -> None:
+        start = time.monotonic()
+        association_module.time.sleep(seconds)
+        took.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=nap)
+    if wake is not None:
+        thread._dicom_node_wake = wake  # type: ignore[attr-defined]
+    thread.start()
+    thread.join(10)
+    return took[0]
+
+
+def test_a_reactor_leaves_its_nap_when_woken_and_naps_in_full_otherwise():
+    assert _nap_in_thread(0.2, None) >= 0.19  # an unregistered thread naps as before
+    wake = threading.Event()
+    assert _nap_in_thread(0.2, wake) >= 0.19  # not woken: the whole nap
+    threading.Timer(0.05, wake.set).start()
+    assert _nap_in_thread(5.0, wake) < 2.0
+    assert not wake.is_set()  # cleared for the next hand-off
+
+
+def test_install_wakeup_wakes_the_reactor_on_messages_user_pdus_and_pause_requests():
+    from pynetdicom.transport import AssociationSocket
+
+    assoc = Association(AE(), "requestor")
+    ours, theirs = socket.socketpair()
+    try:
+        assoc.dul.socket = AssociationSocket(assoc, client_socket=ours)
+        compat.install_wakeup(assoc, 2.0)
+        wake = assoc._dicom_node_wake
+        for hand_off in (lambda: assoc.dimse.msg_queue.put((1, "message")),
+                         lambda: assoc.dul.to_user_queue.put("A-RELEASE"),
+                         assoc._reactor_checkpoint.clear):
+            wake.clear()
+            hand_off()
+            assert wake.is_set()
+        assert assoc.dimse.msg_queue.get(False) == (1, "message")
+        assert assoc.dul.to_user_queue.get(False) == "A-RELEASE"
+        assert not assoc._reactor_checkpoint.is_set()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_check_notices_a_reactor_that_no_longer_naps_with_time_sleep(monkeypatch):
+    source = compat._source
+
+    def without_nap(obj):
+        text = source(obj)
+        return text.replace("time.sleep(0.001)", "self._wait()") if obj is Association._run_reactor else text
+
+    monkeypatch.setattr(compat, "_source", without_nap)
+    with pytest.raises(compat.CompatError, match="install_wakeup \\(reactor\\)"):
+        compat.check()
+
+
+# -- writeback of received files -----------------------------------------------------
+
+def test_a_received_file_starts_its_writeback_as_it_arrives_and_at_its_end(tmp_path, monkeypatch):
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(compat, "start_writeback", lambda fd, offset, length: started.append((offset, length)))
+    received = compat._ReceiveFile(tmp_path)
+    parts = [bytes([k]) * 100_000 for k in range(3)]
+    for part in parts:
+        received.write(part)
+    assert started == [(0, 200_000)]  # once 128 kB had come
+    received.close()
+    assert started == [(0, 200_000), (200_000, 100_000)]  # and the rest at the end
+    assert Path(received.name).read_bytes() == b"".join(parts)
+
+
+def test_writeback_is_available_on_linux_and_harmless_on_a_real_file(tmp_path):
+    import sys
+
+    from dicom_node.store import writeback
+
+    if sys.platform.startswith("linux"):
+        assert writeback.available()
+    path = tmp_path / "f"
+    with path.open("wb") as fh:
+        fh.write(b"x" * 300_000)
+        fh.flush()
+        writeback.start_writeback(fh.fileno(), 0, 0)
+    assert path.stat().st_size == 300_000
