@@ -16,7 +16,7 @@ import zoo
 from dicom_node.errors import ContractError, ManifestError, ModelLoadError
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.infer.manifest import load_manifest
-from dicom_node.infer.runner import classify, denoise, segment
+from dicom_node.infer.runner import classifier_input, classify, denoise, segment
 from dicom_node.pipelines.base import check_pair
 from helpers import REPO
 from zoo.manifests import ACDC_LABELS, CHEXNET_CLASSES, IMAGENET, install
@@ -147,6 +147,22 @@ def test_raw_logit_with_threshold_given_as_logit(tmp_path):
     assert result.score == pytest.approx(1 / (1 + math.e), abs=1e-5)
     assert result.threshold == pytest.approx(1 / (1 + math.e ** 2), abs=1e-6)
     assert result.abnormal and result.heatmap is not None and result.heatmap.shape == (200, 260)
+
+
+def test_a_classifier_input_made_ahead_classifies_as_the_image_itself(tmp_path):
+    install(zoo.logit_classifier(logit=-1.0), tmp_path, "ahead", "classification",
+            {"kind": "percentile"}, geometry={"fit": "letterbox"},
+            classification={"output": "logit", "activation": "sigmoid", "classes": ["abnormal"],
+                            "positive_class": "abnormal", "threshold_logit": -2.0,
+                            "heatmap_output": "heatmap"})
+    model = Recording(_load(tmp_path, "ahead"))
+    image = np.random.default_rng(3).random((200, 260), dtype=np.float32)
+    direct = classify(image, model)
+    made = classifier_input(image, model.manifest)
+    ahead = classify(made, model)
+    assert np.array_equal(model.calls[0]["input"], model.calls[1]["input"])
+    assert ahead.probabilities == direct.probabilities and ahead.abnormal == direct.abnormal
+    assert np.array_equal(ahead.heatmap, direct.heatmap) and made.fitted.source_size == (200, 260)
 
 
 def test_uint8_input_is_rounded_into_0_255(tmp_path):

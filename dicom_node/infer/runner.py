@@ -20,10 +20,10 @@ import numpy as np
 
 from dicom_node.errors import ContractError
 from dicom_node.infer.manifest import Classification, ModelManifest, Segmentation, TensorSpec
-from dicom_node.infer.tensors import (fit, from_model, invert_normalization, normalize, pad_to,
+from dicom_node.infer.tensors import (Fitted, fit, from_model, invert_normalization, normalize, pad_to,
                                       resample, run_fitted, sigmoid, softmax, spacing_size, to_model)
 
-__all__ = ["InferenceModel", "denoise", "segment", "classify", "Classified", "HeatMap", "check_output",
+__all__ = ["InferenceModel", "denoise", "segment", "classify", "classifier_input", "ClassifierInput", "Classified", "HeatMap", "check_output",
            "channel_labels"]
 
 
@@ -286,18 +286,37 @@ def decide(p: Sequence[float], c: Classification) -> Classified:
     return Classified(probs, p_max, t_max, bool(over), over)
 
 
-def classify(image: np.ndarray, model: InferenceModel) -> Classified:
-    """Classify one 2D image in presentation values ([0, 1], MONOCHROME2)."""
-    manifest = model.manifest
-    c = manifest.classification
-    assert c is not None
-    scored = manifest.output(c.output)
-    names = [scored.name] + ([c.heatmap_output] if c.heatmap_output else [])
+@dataclass(frozen=True)
+class ClassifierInput:
+    """One image as the classifier's model takes it (fitted, normalised,
+    padded), and how it was fitted, to map a heat map back."""
+
+    batch: np.ndarray
+    fitted: Fitted
+
+
+def classifier_input(image: np.ndarray, manifest: ModelManifest) -> ClassifierInput:
+    """The model input for one 2D image in presentation values ([0, 1],
+    MONOCHROME2): numpy and OpenCV only, so a pipeline can make the next
+    one on another thread while the model runs."""
     x = image.astype(np.float32, copy=False)[None, None]  # a view: fit and normalize copy
     fitted = fit(_channels(x, manifest), manifest.geometry, manifest.fixed_size)
     xn = normalize(fitted.batch, manifest)
     if manifest.geometry.fit == "dynamic":
         xn, _ = pad_to(xn, manifest.geometry.size_multiple)
+    return ClassifierInput(xn, fitted)
+
+
+def classify(image: np.ndarray | ClassifierInput, model: InferenceModel) -> Classified:
+    """Classify one 2D image in presentation values ([0, 1], MONOCHROME2),
+    or its ``classifier_input`` made for this model's manifest."""
+    manifest = model.manifest
+    c = manifest.classification
+    assert c is not None
+    scored = manifest.output(c.output)
+    names = [scored.name] + ([c.heatmap_output] if c.heatmap_output else [])
+    prepared = image if isinstance(image, ClassifierInput) else classifier_input(image, manifest)
+    xn, fitted = prepared.batch, prepared.fitted
     raw = _run_batches(model, xn, names, 1)
     p = _class_probabilities(raw[scored.name], c, scored, manifest.name)[0]
     result = decide(p, c)

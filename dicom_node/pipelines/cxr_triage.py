@@ -31,7 +31,7 @@ from dicom_node.encode.sr import (COMMENT, FINDINGS, NORMALITY, RECOMMENDATION, 
 from dicom_node.encode.sr_reuse import ReportTemplates
 from dicom_node.errors import PipelineError, SkipSeries
 from dicom_node.infer.manifest import ModelManifest
-from dicom_node.infer.runner import Classified, InferenceModel, classify
+from dicom_node.infer.runner import Classified, ClassifierInput, InferenceModel, classifier_input, classify
 from dicom_node.pipelines.base import (PipelineInput, PipelineResult, StageTimer, implausible,
                                        plausible_ranges, register, require_task)
 
@@ -101,15 +101,16 @@ class CxrTriage:
         # kind).  Stages are timed as the wait on this thread, the critical
         # path; at most _AHEAD images are decoded or drawn ahead at a time.
         with ThreadPoolExecutor(_AHEAD, thread_name_prefix=f"cxr-job-{job.job_id}") as pool:
-            upcoming = deque(pool.submit(presentation, ds) for ds in frontal_images[:_AHEAD])
+            prepare = partial(_prepared, manifest=model.manifest)
+            upcoming = deque(pool.submit(prepare, ds) for ds in frontal_images[:_AHEAD])
             captures: list[Future[Dataset]] = []
             for i, ds in enumerate(frontal_images):
                 with timer.stage("decode"):
-                    image = upcoming.popleft().result()
+                    image, model_input = upcoming.popleft().result()
                 if i + _AHEAD < len(frontal_images):
-                    upcoming.append(pool.submit(presentation, frontal_images[i + _AHEAD]))
+                    upcoming.append(pool.submit(prepare, frontal_images[i + _AHEAD]))
                 with timer.stage("inference"):
-                    read = _Read(ds, classify(image, model), image)
+                    read = _Read(ds, classify(model_input, model), image)
                 abnormal |= read.abnormal
                 held += [f"instance {ds.SOPInstanceUID}: {r}" for r in
                          implausible({"abnormality_probability": read.result.score}, ranges)]
@@ -133,6 +134,14 @@ class CxrTriage:
 
 # Radiographs decoded, and captures drawn, ahead of the one in the model.
 _AHEAD = 2
+
+
+def _prepared(ds: Dataset, manifest: ModelManifest) -> tuple[np.ndarray, ClassifierInput]:
+    """The radiograph as displayed and as the model takes it (its letterbox
+    and normalisation were the inference stage's largest part on 2 cores,
+    now made ahead with the decoding)."""
+    image = presentation(ds)
+    return image, classifier_input(image, manifest)
 
 
 def _hand_over(early: Callable[[Dataset], None], drawn: Future[Dataset]) -> None:
@@ -217,10 +226,13 @@ def _presentation_by_lut(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     table = _scaled(table, ds, lo, hi)
     # The look-up in bands of rows: numpy turns an index array into intp
     # first, and for the whole image that is a 40 MB temporary per radiograph.
+    # Every index is in the table (it has one entry per bit pattern), so
+    # mode="clip" changes no value; it skips the bounds check that "raise"
+    # makes per element (12 -> 4.5 ms on 5 megapixels).
     out = np.empty(pixels.shape, table.dtype)
     step = max(1, (1 << 18) // max(1, pixels.shape[1]))
     for r in range(0, pixels.shape[0], step):
-        np.take(table, index[r:r + step], out=out[r:r + step])
+        np.take(table, index[r:r + step], out=out[r:r + step], mode="clip")
     return out
 
 
