@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from io import BytesIO
 
+import cv2
 import highdicom._standard_utils as su
 import numpy as np
 import pytest
@@ -390,3 +391,24 @@ def test_onnxruntime_threads_do_not_spin_between_runs():
     model = ModelRegistry(load_config().models_dir).get("cxr_triage")
     options = model.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_local_sd_in_one_transform_matches_a_float64_filter_on_ct_values():
+    # Air at -1000 HU beside blood: the squared values are a million times
+    # the mean's precision, which a careless packing of the two lets leak.
+    vol = ct_phantom.make_volume(np.random.default_rng(1), 1, size=256)
+    spacing = (vol.pixel_mm, vol.pixel_mm)
+    img = vol.low_dose_hu[0].astype(np.float32)
+    footprint = ct_quality._ellipse_kernel(8.0, spacing)
+    k = footprint.astype(np.float64) / footprint.sum()
+    x = img.astype(np.float64) - np.median(img)
+    mean = cv2.filter2D(x, -1, k, borderType=cv2.BORDER_REFLECT)
+    sq = cv2.filter2D(x * x, -1, k, borderType=cv2.BORDER_REFLECT)
+    exact = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+    assert np.abs(ct_quality._local_sd(img, footprint) - exact).max() < 0.05
+    anisotropic = ct_quality._ellipse_kernel(6.0, (0.7, 1.1))
+    k = anisotropic.astype(np.float64) / anisotropic.sum()
+    mean = cv2.filter2D(x[:200, :230], -1, k, borderType=cv2.BORDER_REFLECT)
+    got, _ = ct_quality._footprint_means(np.ascontiguousarray(x[:200, :230], np.float32),
+                                         (anisotropic / anisotropic.sum()).astype(np.float32))
+    assert np.abs(got - mean).max() < 0.01

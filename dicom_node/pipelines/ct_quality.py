@@ -32,6 +32,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from threading import Lock
 from typing import TypeVar
 
@@ -146,9 +147,43 @@ def _local_sd(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     # do: the median of every 16th pixel costs a sixteenth of the full one
     # (2 ms a 512x512 slice, once per slice searched).
     x = img - np.float32(np.median(img[::4, ::4]))
-    mean = cv2.filter2D(x, -1, k, borderType=cv2.BORDER_REFLECT)
-    sq = cv2.filter2D(x * x, -1, k, borderType=cv2.BORDER_REFLECT)
+    mean, sq = _footprint_means(x, k)
     return np.sqrt(np.maximum(sq - mean * mean, 0.0))
+
+
+def _footprint_means(x: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``filter2D(x, k)`` and ``filter2D(x * x, k)`` with reflected borders,
+    in one complex DFT: x and x^2 as its real and imaginary parts against
+    the kernel's spectrum, made once per size (OpenCV's filter2D makes a DFT
+    of image and kernel for each call).  Equal to filter2D's to float32
+    rounding (1e-4 HU); 10 -> 5 ms for a 512x512 slice and a 25x25 kernel."""
+    kr, kc = k.shape[0] // 2, k.shape[1] // 2
+    padded = cv2.copyMakeBorder(x, kr, kr, kc, kc, cv2.BORDER_REFLECT)
+    spectrum = _kernel_spectrum(k.tobytes(), k.shape, padded.shape)
+    # The two parts' rounding errors mix in the transform: x^2 is scaled
+    # (by a power of two, exactly) to the magnitude of x, so that neither
+    # drowns the other (unscaled, x^2 of air cost the mean several HU).
+    scale = np.float32(2.0 ** np.ceil(np.log2(max(float(np.abs(padded).max()), 1.0))))
+    both = np.zeros((*spectrum.shape[:2], 2), np.float32)
+    both[:padded.shape[0], :padded.shape[1], 0] = padded
+    both[:padded.shape[0], :padded.shape[1], 1] = padded * padded / scale
+    out = cv2.idft(cv2.mulSpectrums(cv2.dft(both, flags=cv2.DFT_COMPLEX_OUTPUT), spectrum, 0),
+                   flags=cv2.DFT_SCALE)
+    # The circular convolution is valid from one kernel width on: pixel i of
+    # the image is at i + 2 * half-width there.
+    rows, cols = x.shape
+    window = out[2 * kr:2 * kr + rows, 2 * kc:2 * kc + cols]
+    return window[..., 0], window[..., 1] * scale
+
+
+@lru_cache(maxsize=16)
+def _kernel_spectrum(kernel: bytes, shape: tuple[int, int], padded: tuple[int, int]) -> np.ndarray:
+    """The DFT of a float32 kernel, zero-padded to an optimal size covering ``padded``."""
+    rows, cols = cv2.getOptimalDFTSize(padded[0]), cv2.getOptimalDFTSize(padded[1])
+    placed = np.zeros((rows, cols), np.float32)
+    placed[:shape[0], :shape[1]] = np.frombuffer(kernel, np.float32).reshape(shape)
+    spectrum: np.ndarray = cv2.dft(placed, flags=cv2.DFT_COMPLEX_OUTPUT)
+    return spectrum
 
 
 def _tissue_masks(vol: np.ndarray, spacing: tuple[float, float], lo: float, hi: float,
