@@ -137,12 +137,17 @@ def test_two_class_softmax_scores_the_named_class(tmp_path):
     assert not result.abnormal and result.score == pytest.approx(0.1, abs=1e-5)
 
 
-def test_raw_logit_with_threshold_given_as_logit(tmp_path):
-    install(zoo.logit_classifier(logit=-1.0), tmp_path, "logit", "classification",
+def _install_logit_classifier(tmp_path, name):
+    """A sigmoid-logit classifier (logit -1) with a heat map and its threshold given as a logit (-2)."""
+    install(zoo.logit_classifier(logit=-1.0), tmp_path, name, "classification",
             {"kind": "percentile"}, geometry={"fit": "letterbox"},
             classification={"output": "logit", "activation": "sigmoid", "classes": ["abnormal"],
                             "positive_class": "abnormal", "threshold_logit": -2.0,
                             "heatmap_output": "heatmap"})
+
+
+def test_raw_logit_with_threshold_given_as_logit(tmp_path):
+    _install_logit_classifier(tmp_path, "logit")
     result = classify(np.random.default_rng(2).random((200, 260), dtype=np.float32), _load(tmp_path, "logit"))
     assert result.score == pytest.approx(1 / (1 + math.e), abs=1e-5)
     assert result.threshold == pytest.approx(1 / (1 + math.e ** 2), abs=1e-6)
@@ -150,11 +155,7 @@ def test_raw_logit_with_threshold_given_as_logit(tmp_path):
 
 
 def test_a_classifier_input_made_ahead_classifies_as_the_image_itself(tmp_path):
-    install(zoo.logit_classifier(logit=-1.0), tmp_path, "ahead", "classification",
-            {"kind": "percentile"}, geometry={"fit": "letterbox"},
-            classification={"output": "logit", "activation": "sigmoid", "classes": ["abnormal"],
-                            "positive_class": "abnormal", "threshold_logit": -2.0,
-                            "heatmap_output": "heatmap"})
+    _install_logit_classifier(tmp_path, "ahead")
     model = Recording(_load(tmp_path, "ahead"))
     image = np.random.default_rng(3).random((200, 260), dtype=np.float32)
     direct = classify(image, model)

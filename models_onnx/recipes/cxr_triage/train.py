@@ -58,6 +58,7 @@ from dicom_node_synthetic.cxr_phantom import (
     make_radiograph,
     make_varied_radiograph,
 )
+from dicom_node_synthetic.cxr_physics import make_physics_radiograph
 from dicom_node_synthetic.dicom_dx import dx_image
 from dicom_node_synthetic.independent import cxr as independent
 
@@ -88,6 +89,10 @@ ROUNDED_SHARE = 0.5
 # on independently drawn normals in the cardiophrenic angles; 0.5 was tried
 # and ranked the independent family worse (README).
 SHAPED_SHARE = 0.0
+# Share of the training family's images drawn from the second, physically
+# modelled generator (dicom_node_synthetic.cxr_physics), set by
+# --physics-share; 0 (the shipped model's family) draws nothing for it.
+PHYSICS_SHARE = 0.0
 # Cache prefix of the training-family splits: bumped whenever their images change.
 FAMILY_DATA = "v2"
 CHUNK = 2000
@@ -172,8 +177,21 @@ def as_presented(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return presentation(ds)
 
 
+@dataclass(frozen=True)
+class Family:
+    """What the training family is drawn from, beyond the fixed shares."""
+
+    shaped_share: float = SHAPED_SHARE
+    physics_share: float = PHYSICS_SHARE
+
+    def suffix(self) -> str:
+        """Cache-name suffix; empty for the shipped model's family."""
+        return ((f"-shaped{self.shaped_share:g}" if self.shaped_share > 0 else "")
+                + (f"-physics{self.physics_share:g}" if self.physics_share > 0 else ""))
+
+
 def make_split(seed: int, split: str, n: int, start: int = 0,
-               shaped_share: float = SHAPED_SHARE) -> Split:
+               family: Family = Family()) -> Split:
     """Generate a split; image i uses the generator seeded (seed, split id, i).
 
     "train", "val" and "test" draw from the training family (domain-randomised
@@ -191,10 +209,16 @@ def make_split(seed: int, split: str, n: int, start: int = 0,
         if split == "default":
             rad = make_radiograph(rng, finding, random_size(rng), severity or None)
             image = rad.image
+        elif family.physics_share > 0 and rng.random() < family.physics_share:
+            # Drawn first, from its own generator seeded apart, so that with
+            # share 0 every other image stays exactly as it was.
+            rad = make_physics_radiograph(np.random.default_rng([seed, SPLIT_SEEDS[split], i, 7]),
+                                          finding, random_size(rng), severity or None)
+            image = as_presented(rng, rad.image)
         else:
             if rng.random() >= DEFAULT_SHARE:
                 rounded = bool(rng.random() < ROUNDED_SHARE)
-                shaped = shaped_share > 0 and bool(rng.random() < shaped_share)
+                shaped = family.shaped_share > 0 and bool(rng.random() < family.shaped_share)
                 rad = make_varied_radiograph(rng, finding, random_size(rng), severity or None,
                                              rounded=rounded, shaped=shaped)
             else:
@@ -229,38 +253,35 @@ def make_independent_split(seed: int, n: int) -> Split:
 
 
 def load_or_make(work: Path, seed: int, split: str, n: int,
-                 shaped_share: float = SHAPED_SHARE) -> Split:
+                 family: Family = Family()) -> Split:
     """Cache generated splits in the work folder (keyed by seed, split and size);
     large splits are made and cached in chunks of ``CHUNK`` images, so a
     shorter run can reuse the first chunks of a longer one."""
-    stem = _stem(split, seed, shaped_share)
+    stem = _stem(split, seed, family)
     if n >= CHUNK and split != "independent":
         parts = [_cached(work / f"{stem}_{a}-{min(a + CHUNK, n)}.npz",
-                         lambda a=a: make_split(seed, split, min(CHUNK, n - a), a,
-                                                    shaped_share))
+                         lambda a=a: make_split(seed, split, min(CHUNK, n - a), a, family))
                  for a in range(0, n, CHUNK)]
         return Split(*(np.concatenate([getattr(p, f) for p in parts])
                        for f in ("x", "y", "finding", "severity", "masks")))
     make = ((lambda: make_independent_split(seed, n)) if split == "independent"
-            else (lambda: make_split(seed, split, n, shaped_share=shaped_share)))
+            else (lambda: make_split(seed, split, n, family=family)))
     return _cached(work / f"{stem}_n{n}.npz", make)
 
 
-def is_cached(work: Path, seed: int, split: str, n: int,
-              shaped_share: float = SHAPED_SHARE) -> bool:
+def is_cached(work: Path, seed: int, split: str, n: int, family: Family = Family()) -> bool:
     """Whether ``load_or_make`` will find the whole split in the cache."""
-    stem = _stem(split, seed, shaped_share)
+    stem = _stem(split, seed, family)
     if n >= CHUNK and split != "independent":
         return all((work / f"{stem}_{a}-{min(a + CHUNK, n)}.npz").exists()
                    for a in range(0, n, CHUNK))
     return (work / f"{stem}_n{n}.npz").exists()
 
 
-def _stem(split: str, seed: int, shaped_share: float = SHAPED_SHARE) -> str:
+def _stem(split: str, seed: int, family: Family = Family()) -> str:
     """Cache file stem; training-family splits carry ``FAMILY_DATA``."""
     if split in ("train", "val", "test"):
-        shaped = f"-shaped{shaped_share:g}" if shaped_share > 0 else ""
-        return f"{split}_{FAMILY_DATA}{shaped}_seed{seed}"
+        return f"{split}_{FAMILY_DATA}{family.suffix()}_seed{seed}"
     return f"{split}_seed{seed}"
 
 
@@ -688,6 +709,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shaped-share", type=float, default=SHAPED_SHARE,
                     help="share of the domain-randomised images drawn with shaped=True "
                          "(0: none, and the images are exactly the shipped model's)")
+    ap.add_argument("--physics-share", type=float, default=PHYSICS_SHARE,
+                    help="share of the training family drawn from the physically modelled "
+                         "second generator (dicom_node_synthetic.cxr_physics; 0: none, and "
+                         "the images are exactly the shipped model's)")
     ap.add_argument("--style", action="store_true",
                     help="also restyle every training batch (edge enhancement or blur, "
                          "noise, gain field, contrast stretch; see restyle)")
@@ -730,9 +755,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     sizes = {"train": args.n_train, "val": args.n_val, "test": args.n_test,
              "default": args.n_default, "independent": args.n_independent}
-    cached = all(is_cached(args.work, args.seed, sp, n, args.shaped_share)
-                 for sp, n in sizes.items())
-    tr, va, te, de, ind = (load_or_make(args.work, args.seed, sp, n, args.shaped_share)
+    family = Family(args.shaped_share, args.physics_share)
+    cached = all(is_cached(args.work, args.seed, sp, n, family) for sp, n in sizes.items())
+    tr, va, te, de, ind = (load_or_make(args.work, args.seed, sp, n, family)
                            for sp, n in sizes.items())
     data_s = time.perf_counter() - t0
     print(f"data ready in {data_s:.0f} s (cached: {cached})", flush=True)
@@ -806,7 +831,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.n_test} held-out test images, each half normal and half split "
             "evenly over nodule, consolidation, effusion, pneumothorax and "
             "cardiomegaly at subtle and obvious severity. "
-            f"{round(100 * (1 - DEFAULT_SHARE))} % are domain-randomised "
+            + (f"{round(100 * args.physics_share)} % are drawn from the physically "
+               "modelled second generator (dicom_node_synthetic.cxr_physics."
+               "make_physics_radiograph: outlines as splines, cut polygons or "
+               "superellipses; path lengths times jittered attenuation coefficients "
+               "through Beer-Lambert with beam hardening, heel effect, scatter, grid, "
+               "quantum noise at a random dose and detector blur; vendor-style "
+               "enhancement and tone curves; collimation, markers, burned-in text; "
+               "findings change the attenuation), of the rest "
+               if args.physics_share > 0 else "")
+            + f"{round(100 * (1 - DEFAULT_SHARE))} % are domain-randomised "
             "(dicom_node_synthetic.cxr_phantom.make_varied_radiograph, "
             f"{round(100 * ROUNDED_SHARE)} % of them with rounded=True - the air "
             "path through each lung thinning towards its borders over 0.02-0.14 "
