@@ -34,6 +34,7 @@ from dicom_node.infer.manifest import ModelManifest
 from dicom_node.infer.runner import Classified, ClassifierInput, InferenceModel, classifier_input, classify
 from dicom_node.pipelines.base import (PipelineInput, PipelineResult, StageTimer, implausible,
                                        plausible_ranges, register, require_task)
+from dicom_node.pipelines.pixels import stored_pixels
 
 __all__ = ["CxrTriage", "is_frontal", "presentation"]
 
@@ -167,7 +168,7 @@ def presentation(ds: Dataset) -> np.ndarray:
     """The radiograph as displayed, MONOCHROME2, scaled to [0, 1]: modality
     LUT, then the VOI LUT or window, then inversion for MONOCHROME1."""
     try:
-        pixels = ds.pixel_array
+        pixels = stored_pixels(ds)
     except Exception as exc:  # noqa: BLE001 - pydicom's decoders raise many types
         raise PipelineError(f"instance {ds.SOPInstanceUID}: cannot decode pixel data: {exc}") from exc
     if pixels.ndim != 2:

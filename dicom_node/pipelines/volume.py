@@ -16,6 +16,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.errors import PipelineError
+from dicom_node.pipelines.pixels import stored_pixels
 
 __all__ = ["Slice", "Volume", "load_volume", "group_value", "decode_frame"]
 
@@ -134,7 +135,7 @@ def decode_frame(ds: Dataset, frame: int | None, context: str) -> np.ndarray:
     decoded whatever the transfer syntax.  pydicom caches the decoded
     multi-frame array, so asking frame by frame decodes once."""
     try:
-        pixels = ds.pixel_array
+        pixels = stored_pixels(ds) if frame is None else ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom's decoders raise many types
         raise PipelineError(f"{context}: cannot decode instance {ds.get('SOPInstanceUID', '?')} "
                             f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
