@@ -104,7 +104,13 @@ def load_cine(datasets: list[Dataset], job: str = "") -> Cine:
     shapes = {(int(f.dataset.Rows), int(f.dataset.Columns)) for f in frames}
     if len(shapes) != 1:
         raise PipelineError(f"{job}: frames have different sizes {sorted(shapes)}")
-    images = np.stack([np.stack([decode_frame(f.dataset, f.frame, job) for f in row]) for row in grid]).astype(np.float32)
+    rows, cols = shapes.pop()
+    # Each frame straight into the float32 grid: stacking and then converting
+    # copied the whole cine twice more (66-372 against 30-125 ms for 250 frames).
+    images = np.empty((phases, len(complete), rows, cols), np.float32)
+    for p, row in enumerate(grid):
+        for s, f in enumerate(row):
+            images[p, s] = decode_frame(f.dataset, f.frame, job)
     return Cine(grid, images)
 
 
