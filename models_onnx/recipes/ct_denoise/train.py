@@ -613,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of the (1 - SSIM) loss term beside the MSE (see loss_fn)")
     ap.add_argument("--local-mean-weight", type=float, default=LOCAL_MEAN_WEIGHT,
                     help="weight of the MSE of Gaussian local means (see LOCAL_MEAN_WEIGHT)")
+    ap.add_argument("--version", default="1.1.0",
+                    help="model version for the manifest; bump it for a new model, since "
+                         "result UIDs derive from it")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="measure the committed ONNX on both held-out families; train and write nothing")
     ap.add_argument("--compare", type=Path, default=None,
@@ -743,8 +746,8 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
     nlm_depth, nlm_h, nlm_val = nlm_train
     return {
         "name": "ct_denoise",
-        # Bump when the defaults change the model: result UIDs derive from it.
-        "version": "1.1.0",
+        # --version; result UIDs derive from it.
+        "version": args.version,
         # DICOM CID 7162 (Surface Processing Algorithm Family), as used in the
         # Algorithm Family Code Sequence of SEG/SR algorithm identification.
         "family": {"scheme": "DCM", "value": "123110", "meaning": "Artificial Intelligence"},
