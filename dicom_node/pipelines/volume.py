@@ -18,7 +18,7 @@ from pydicom import Dataset
 from dicom_node.errors import PipelineError
 from dicom_node.pipelines.pixels import stored_pixels
 
-__all__ = ["Slice", "Volume", "load_volume", "group_value", "decode_frame"]
+__all__ = ["Slice", "Volume", "load_volume", "group_value", "decode_frame", "plane_vector"]
 
 log = logging.getLogger("dicom_node.pipelines")
 
@@ -93,25 +93,57 @@ def _planes(ds: Dataset) -> list[Slice]:
         shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
         out = []
         for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence[:frames]):
-            pos = _required(item, shared, "PlanePositionSequence", "ImagePositionPatient")
-            ori = _required(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-            spc = _required(item, shared, "PixelMeasuresSequence", "PixelSpacing")
+            pos = _required(item, shared, "PlanePositionSequence", "ImagePositionPatient", 3)
+            ori = _required(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient", 6)
+            spc = _required(item, shared, "PixelMeasuresSequence", "PixelSpacing", 2)
             slope = group_value(item, shared, "PixelValueTransformationSequence", "RescaleSlope")
             icpt = group_value(item, shared, "PixelValueTransformationSequence", "RescaleIntercept")
             slope = 1.0 if slope is None else slope
             icpt = 0.0 if icpt is None else icpt
-            out.append(Slice(ds, i + 1, np.array(pos, float), np.array(ori, float),
-                             (float(spc[0]), float(spc[1])), (float(slope), float(icpt))))
+            out.append(Slice(ds, i + 1, pos, ori, (float(spc[0]), float(spc[1])),
+                             (float(slope), float(icpt))))
         return out
-    pos = ds.get("ImagePositionPatient")
-    ori = ds.get("ImageOrientationPatient")
-    spc = ds.get("PixelSpacing")
-    if pos is None or ori is None or spc is None:
-        raise PipelineError(f"instance {ds.get('SOPInstanceUID', '?')}: no image plane geometry "
-                            "(ImagePositionPatient, ImageOrientationPatient, PixelSpacing)")
+    pos, ori, spc = plane_geometry(ds)
     rescale = (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
-    return [Slice(ds, None, np.array(pos, float), np.array(ori, float),
-                  (float(spc[0]), float(spc[1])), rescale)]
+    return [Slice(ds, None, pos, ori, (float(spc[0]), float(spc[1])), rescale)]
+
+
+_PLANE = (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2))
+
+
+def plane_vector(value: Any, count: int) -> np.ndarray | None:
+    """A geometry attribute as ``count`` finite floats; None when it is
+    absent, empty (pydicom reads an empty DS as ''), of another multiplicity
+    or not numbers."""
+    if value is None or value == "":
+        return None
+    try:
+        vector = np.array(value, float).ravel()
+    except (TypeError, ValueError):
+        return None
+    return vector if vector.shape == (count,) and bool(np.all(np.isfinite(vector))) else None
+
+
+def _read(ds: Dataset, keyword: str) -> Any:
+    """The attribute's value; None when pydicom cannot convert what the file holds."""
+    try:
+        return ds.get(keyword)
+    except (ValueError, TypeError, OverflowError):  # e.g. DS bytes that are not a number
+        return None
+
+
+def plane_geometry(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A single-frame image's position, orientation and pixel spacing, or a
+    PipelineError naming the instance and what is missing or unusable."""
+    vectors = [plane_vector(_read(ds, keyword), count) for keyword, count in _PLANE]
+    bad = [f"{keyword} ({count} numbers)" for (keyword, count), v in zip(_PLANE, vectors, strict=True)
+           if v is None]
+    if bad:
+        raise PipelineError(f"instance {ds.get('SOPInstanceUID', '?')}: no usable image plane geometry: "
+                            + ", ".join(bad))
+    pos, ori, spc = vectors
+    assert pos is not None and ori is not None and spc is not None
+    return pos, ori, spc
 
 
 def group_value(item: Dataset, shared: Dataset, seq: str, key: str) -> Any:
@@ -123,10 +155,10 @@ def group_value(item: Dataset, shared: Dataset, seq: str, key: str) -> Any:
     return None
 
 
-def _required(item: Dataset, shared: Dataset, seq: str, key: str) -> Any:
-    value = group_value(item, shared, seq, key)
+def _required(item: Dataset, shared: Dataset, seq: str, key: str, count: int) -> np.ndarray:
+    value = plane_vector(group_value(item, shared, seq, key), count)
     if value is None:
-        raise PipelineError(f"enhanced instance: no {seq}/{key} for a frame")
+        raise PipelineError(f"enhanced instance: no usable {seq}/{key} ({count} numbers) for a frame")
     return value
 
 
