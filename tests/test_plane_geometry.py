@@ -4,6 +4,7 @@ not with whatever numpy raises on it (an empty DS reads as '' in pydicom)."""
 
 from __future__ import annotations
 
+import highdicom as hd
 import numpy as np
 import pytest
 from pydicom.dataelem import RawDataElement
@@ -14,6 +15,7 @@ from dicom_node.pipelines.cine import load_cine
 from dicom_node.pipelines.volume import load_volume, plane_vector
 from dicom_node_synthetic.dicom_ct import ct_series
 from dicom_node_synthetic.dicom_mr import cine_series
+from helpers import legacy_enhanced, roundtrip
 
 BROKEN = {"empty": "", "two values": [1.0, 2.0], "not numbers": b"a\\b\\c"}
 
@@ -52,3 +54,12 @@ def test_plane_vector() -> None:
     assert np.array_equal(plane_vector(["1", "2.5", "-3"], 3), [1.0, 2.5, -3.0])
     for value in (None, "", [1.0, 2.0], ["x", "1", "2"], [1.0, float("nan"), 0.0]):
         assert plane_vector(value, 3) is None
+
+
+def test_a_frame_of_an_enhanced_cine_without_usable_spacing_names_the_frame() -> None:
+    multi = legacy_enhanced(hd.legacy.LegacyConvertedEnhancedMRImage, roundtrip(_cine()))
+    for item in (multi.PerFrameFunctionalGroupsSequence[1], multi.SharedFunctionalGroupsSequence[0]):
+        if "PixelMeasuresSequence" in item:
+            item.PixelMeasuresSequence[0].PixelSpacing = [1.5]
+    with pytest.raises(PipelineError, match=rf"instance {multi.SOPInstanceUID} frame \d+: .*PixelSpacing"):
+        load_cine([multi])

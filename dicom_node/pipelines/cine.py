@@ -21,7 +21,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node.errors import PipelineError
-from dicom_node.pipelines.volume import decode_frame, group_value, plane_geometry, plane_vector
+from dicom_node.pipelines.volume import decode_frame, frame_geometry, group_value, plane_geometry
 
 __all__ = ["Frame", "Cine", "load_cine"]
 
@@ -132,9 +132,7 @@ def _frames(ds: Dataset) -> list[Frame]:
         shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
         out = []
         for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
-            pos = plane_vector(group_value(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3)
-            ori = plane_vector(group_value(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-            spc = plane_vector(group_value(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
+            pos, ori, spc = frame_geometry(ds, item, shared, i + 1)
             # Enhanced MR says it in Cardiac Synchronization; legacy-converted
             # images keep the single-frame TriggerTime in an "unassigned" group.
             time = _first_present(
@@ -142,9 +140,6 @@ def _frames(ds: Dataset) -> list[Frame]:
                 group_value(item, shared, "UnassignedPerFrameConvertedAttributesSequence", "TriggerTime"),
                 group_value(item, shared, "FrameContentSequence", "TemporalPositionIndex"),
                 group_value(item, shared, "FrameContentSequence", "FrameAcquisitionNumber"), i)
-            if pos is None or ori is None or spc is None:
-                raise PipelineError(f"instance {ds.SOPInstanceUID} frame {i + 1}: no usable plane geometry "
-                                    "(ImagePositionPatient, ImageOrientationPatient, PixelSpacing)")
             out.append(Frame(ds, i + 1, pos, ori, (float(spc[0]), float(spc[1])), float(time)))
         return out
     if "PixelData" not in ds:

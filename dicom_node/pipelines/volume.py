@@ -9,6 +9,7 @@ reason, because scanners and PACS send both.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ from pydicom import Dataset
 from dicom_node.errors import PipelineError
 from dicom_node.pipelines.pixels import stored_pixels
 
-__all__ = ["Slice", "Volume", "load_volume", "group_value", "decode_frame", "plane_vector"]
+__all__ = ["Slice", "Volume", "load_volume", "group_value", "decode_frame", "frame_geometry",
+           "plane_geometry", "plane_vector"]
 
 log = logging.getLogger("dicom_node.pipelines")
 
@@ -93,9 +95,7 @@ def _planes(ds: Dataset) -> list[Slice]:
         shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
         out = []
         for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence[:frames]):
-            pos = _required(item, shared, "PlanePositionSequence", "ImagePositionPatient", 3)
-            ori = _required(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient", 6)
-            spc = _required(item, shared, "PixelMeasuresSequence", "PixelSpacing", 2)
+            pos, ori, spc = frame_geometry(ds, item, shared, i + 1)
             slope = group_value(item, shared, "PixelValueTransformationSequence", "RescaleSlope")
             icpt = group_value(item, shared, "PixelValueTransformationSequence", "RescaleIntercept")
             slope = 1.0 if slope is None else slope
@@ -108,7 +108,12 @@ def _planes(ds: Dataset) -> list[Slice]:
     return [Slice(ds, None, pos, ori, (float(spc[0]), float(spc[1])), rescale)]
 
 
-_PLANE = (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2))
+# Where each plane attribute lives (its functional group in enhanced objects) and its multiplicity.
+_PLANE = (("PlanePositionSequence", "ImagePositionPatient", 3),
+          ("PlaneOrientationSequence", "ImageOrientationPatient", 6),
+          ("PixelMeasuresSequence", "PixelSpacing", 2))
+
+Geometry = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def plane_vector(value: Any, count: int) -> np.ndarray | None:
@@ -124,25 +129,34 @@ def plane_vector(value: Any, count: int) -> np.ndarray | None:
     return vector if vector.shape == (count,) and bool(np.all(np.isfinite(vector))) else None
 
 
-def _read(ds: Dataset, keyword: str) -> Any:
-    """The attribute's value; None when pydicom cannot convert what the file holds."""
-    try:
-        return ds.get(keyword)
-    except (ValueError, TypeError, OverflowError):  # e.g. DS bytes that are not a number
-        return None
-
-
-def plane_geometry(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def plane_geometry(ds: Dataset) -> Geometry:
     """A single-frame image's position, orientation and pixel spacing, or a
     PipelineError naming the instance and what is missing or unusable."""
-    vectors = [plane_vector(_read(ds, keyword), count) for keyword, count in _PLANE]
-    bad = [f"{keyword} ({count} numbers)" for (keyword, count), v in zip(_PLANE, vectors, strict=True)
-           if v is None]
+    return _geometry(lambda _group, keyword: ds.get(keyword), f"instance {ds.get('SOPInstanceUID', '?')}")
+
+
+def frame_geometry(ds: Dataset, item: Dataset, shared: Dataset, frame: int) -> Geometry:
+    """The same for one frame of an enhanced object, from its per-frame or shared groups."""
+    return _geometry(lambda group, keyword: group_value(item, shared, group, keyword),
+                     f"instance {ds.get('SOPInstanceUID', '?')} frame {frame}")
+
+
+def _geometry(read: Callable[[str, str], Any], where: str) -> Geometry:
+    vectors: list[np.ndarray] = []
+    bad: list[str] = []
+    for group, keyword, count in _PLANE:
+        try:
+            value = read(group, keyword)
+        except (ValueError, TypeError, OverflowError):  # e.g. DS bytes that are not a number
+            value = None
+        vector = plane_vector(value, count)
+        if vector is None:
+            bad.append(f"{keyword} ({count} numbers)")
+        else:
+            vectors.append(vector)
     if bad:
-        raise PipelineError(f"instance {ds.get('SOPInstanceUID', '?')}: no usable image plane geometry: "
-                            + ", ".join(bad))
+        raise PipelineError(f"{where}: no usable image plane geometry: " + ", ".join(bad))
     pos, ori, spc = vectors
-    assert pos is not None and ori is not None and spc is not None
     return pos, ori, spc
 
 
@@ -153,13 +167,6 @@ def group_value(item: Dataset, shared: Dataset, seq: str, key: str) -> Any:
         if seq in source and len(source[seq].value) and key in source[seq][0]:
             return source[seq][0][key].value
     return None
-
-
-def _required(item: Dataset, shared: Dataset, seq: str, key: str, count: int) -> np.ndarray:
-    value = plane_vector(group_value(item, shared, seq, key), count)
-    if value is None:
-        raise PipelineError(f"enhanced instance: no usable {seq}/{key} ({count} numbers) for a frame")
-    return value
 
 
 def decode_frame(ds: Dataset, frame: int | None, context: str) -> np.ndarray:
