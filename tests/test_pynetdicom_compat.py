@@ -13,12 +13,14 @@ import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 
 import pynetdicom
 import pytest
 from pynetdicom import AE, _config, dimse_messages, dul, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.presentation import build_context
 
 from dicom_node.net import listener as listener_module
@@ -306,6 +308,7 @@ def test_configure_process_puts_received_datasets_in_the_given_folder(tmp_path, 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
     monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", _config.LOG_HANDLER_LEVEL)
     monkeypatch.setattr(compat, "_receive_tmp_dir", None)
     compat.configure_process(send_chunked=True, receive_tmp_dir=tmp_path / ".tmp")
     assert _config.STORE_SEND_CHUNKED_DATASET and _config.STORE_RECV_CHUNKED_DATASET
@@ -584,3 +587,146 @@ def test_writeback_is_available_on_linux_and_harmless_on_a_real_file(tmp_path):
         fh.flush()
         writeback.start_writeback(fh.fileno(), 0, 0)
     assert path.stat().st_size == 300_000
+
+
+# -- C-STORE messages encoded directly ----------------------------------------------
+
+def _store_rsp(status: int = 0x0000, message_id: int = 7, sop_class: str | None = "1.2.840.10008.5.1.4.1.1.2",
+               sop_instance: str | None = "1.2.3.4.5.6.7.8.9") -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.Status = status
+    if sop_class is not None:
+        rsp.AffectedSOPClassUID = sop_class
+    if sop_instance is not None:
+        rsp.AffectedSOPInstanceUID = sop_instance
+    return rsp
+
+
+def _store_rq(message_id: int = 3, priority: int | None = 2, sop_class: str | None = "1.2.840.10008.5.1.4.1.1.4",
+              sop_instance: str | None = "1.2.3.4.5.6.7.8.9.10", data: bytes = b"\x08\x00" * 40) -> C_STORE:
+    rq = C_STORE()
+    rq.MessageID = message_id
+    if priority is not None:  # else the primitive's default
+        rq.Priority = priority
+    if sop_class is not None:
+        rq.AffectedSOPClassUID = sop_class
+    if sop_instance is not None:
+        rq.AffectedSOPInstanceUID = sop_instance
+    rq.DataSet = BytesIO(data)
+    return rq
+
+
+def _pynetdicom_pdvs(primitive: C_STORE, context_id: int, max_pdu: int) -> list[list[tuple[int, bytes]]]:
+    message = (dimse_messages.C_STORE_RSP() if primitive.MessageIDBeingRespondedTo is not None
+               else dimse_messages.C_STORE_RQ())
+    message.primitive_to_message(primitive)
+    return [p.presentation_data_value_list for p in message.encode_msg(context_id, max_pdu)]
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700, 0xA900, 0xC000, 0x0110, 0xFFFF])
+@pytest.mark.parametrize(("sop_class", "sop_instance"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5.6.7.8.9"),  # odd and even lengths
+    ("1.2.840.10008.5.1.4.1.1.12.1", "2.25.123456789012345678901234567890123456"),
+    (None, "1.2.3"), ("1.2.3", None), (None, None), ("", ""),
+])
+@pytest.mark.parametrize("message_id", [0, 1, 65535])
+def test_a_store_response_is_encoded_as_pynetdicom_encodes_it(status, sop_class, sop_instance, message_id):
+    rsp = _store_rsp(status, message_id, sop_class, sop_instance)
+    command = compat.encode_store_response(rsp)
+    assert command is not None
+    assert [[(3, b"\x03" + command)]] == _pynetdicom_pdvs(rsp, 3, 16384)
+
+
+@pytest.mark.parametrize("max_pdu", [0, 256, 4096, 16384])
+@pytest.mark.parametrize("size", [2, 80, 249, 250, 251, 500, 9000])
+@pytest.mark.parametrize(("message_id", "priority", "sop_class", "sop_instance"), [
+    (1, 2, "1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5.6.7.8.9.10"), (65535, 0, "1.2.3", "1.2.34"),
+    (7, None, None, "1.2.3"), (0, 1, "1.2.3", None),
+])
+def test_a_store_request_is_sent_as_pynetdicom_sends_it(max_pdu, size, message_id, priority, sop_class,
+                                                         sop_instance, tmp_path):
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    from_memory = _store_rq(message_id, priority, sop_class, sop_instance, data)
+    expected = _pynetdicom_pdvs(from_memory, 5, max_pdu)
+    fragments = compat._store_fragments(from_memory, max_pdu)
+    assert fragments is not None and [[(5, f)] for f in fragments] == expected
+    # The same data set from a file after a file meta, as send_c_store gives it.
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(b"M" * 300 + data)
+    from_file = _store_rq(message_id, priority, sop_class, sop_instance)
+    from_file.DataSet = None
+    from_file._dataset_path = (path, 300)
+    assert _pynetdicom_pdvs(from_file, 5, max_pdu) == expected
+    fragments = compat._store_fragments(from_file, max_pdu)
+    assert fragments is not None and [[(5, f)] for f in fragments] == expected
+
+
+def test_store_messages_this_does_not_encode_are_left_to_pynetdicom():
+    rsp = _store_rsp(0xC000)
+    rsp.ErrorComment = "cannot understand"
+    assert compat.encode_store_response(rsp) is None
+    rsp = _store_rsp(0xA900)
+    rsp.OffendingElement = [0x00100010]
+    assert compat.encode_store_response(rsp) is None
+    moved = _store_rq()
+    moved.MoveOriginatorApplicationEntityTitle = "MOVER"
+    moved.MoveOriginatorMessageID = 3
+    assert compat.encode_store_request(moved) is None and compat._store_fragments(moved, 16384) is None
+    empty = _store_rq(data=b"")
+    assert compat._store_fragments(empty, 16384) is None
+
+
+class _Dimse:
+    def __init__(self, max_pdu: int) -> None:
+        self.maximum_pdu_size = max_pdu
+        self.sent: list[object] = []
+        self.by_pynetdicom: list[object] = []
+        self.dul = types.SimpleNamespace(send_pdu=self.sent.append)
+
+    def send_msg(self, primitive: object, context_id: int) -> None:
+        self.by_pynetdicom.append(primitive)
+
+
+def _installed(max_pdu: int = 16384, handlers: list | None = None) -> _Dimse:
+    dimse = _Dimse(max_pdu)
+    assoc = types.SimpleNamespace(dimse=dimse, get_handlers=lambda event: list(handlers or []))
+    compat.install_store_encoding(assoc)  # type: ignore[arg-type]
+    return dimse
+
+
+@pytest.mark.parametrize("primitive", [_store_rsp(), _store_rq(data=b"\x10\x00" * 3000)])
+def test_install_store_encoding_sends_the_pdvs_pynetdicom_would(primitive):
+    dimse = _installed(max_pdu=4096)
+    dimse.send_msg(primitive, 5)
+    assert not dimse.by_pynetdicom
+    assert [p.presentation_data_value_list for p in dimse.sent] == _pynetdicom_pdvs(primitive, 5, 4096)
+
+
+def test_install_store_encoding_leaves_the_rest_to_pynetdicom():
+    commented = _store_rsp(0xC000)
+    commented.ErrorComment = "no"
+    echo = C_ECHO()
+    echo.MessageID = 1
+    for dimse, primitive in [(_installed(), echo), (_installed(), commented),
+                             (_installed(max_pdu=64), _store_rsp()),  # would need two PDVs
+                             (_installed(handlers=[(print, None)]), _store_rsp())]:
+        dimse.send_msg(primitive, 1)
+        assert dimse.by_pynetdicom == [primitive] and not dimse.sent
+
+
+def test_check_notices_a_changed_send_msg(monkeypatch):
+    def send_msg(self, primitive, context_id):  # a release that encodes elsewhere
+        self.dul.send_pdu(primitive.encode())
+
+    monkeypatch.setattr(pynetdicom.dimse.DIMSEServiceProvider, "send_msg", send_msg)
+    with pytest.raises(compat.CompatError, match="install_store_encoding"):
+        compat.check()
+
+
+def test_configure_process_drops_the_debug_log_handlers_the_node_never_shows(monkeypatch):
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
+    compat.configure_process(send_chunked=False)
+    assert _config.LOG_HANDLER_LEVEL == "none"
+    assert Association(AE(), "requestor").get_handlers(evt.EVT_DIMSE_RECV) == []

@@ -241,6 +241,7 @@ class Receiver:
                                   lambda: compat.negotiated(assoc))
         compat.install_pdu_reader(assoc, reader)
         compat.install_wakeup(assoc, DUL_IDLE_WAIT_S)
+        compat.install_store_encoding(assoc)
 
     def _on_violation(self, host: str, label: str, reason: str) -> None:
         self.metrics.associations.labels(result=f"aborted_{label}").inc()

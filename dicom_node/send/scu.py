@@ -76,6 +76,7 @@ def connection_tuner(limits: PduLimits, peer_name: str) -> evt.EventHandlerType:
         compat.install_pdu_reader(assoc, reader)
         compat.install_wakeup(assoc, DUL_IDLE_WAIT_S)
         compat.install_response_guard(assoc)
+        compat.install_store_encoding(assoc)
     return (evt.EVT_CONN_OPEN, tune)
 
 
