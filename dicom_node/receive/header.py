@@ -10,12 +10,16 @@ instance is refused) as soon as the inflated size passes the bound.
 
 from __future__ import annotations
 
+import re
+import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import (
@@ -39,6 +43,14 @@ HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInsta
                "Modality", "ImagesInAcquisition", "NumberOfSlices", *PIXEL_TAGS]
 _TAGS: list[BaseTag | int] = [Tag(k) for k in HEADER_TAGS]
 _LAST_TAG = max(_TAGS)  # (0054,0081) NumberOfSlices
+_VRS = [dictionary_VR(t) for t in _TAGS]
+# The plain forms of the header's values that _value reads itself; pydicom
+# gives the same value for each (tests/test_receive_header.py).
+_PLAIN = {
+    "UI": re.compile(rb"[\0 ]*([0-9.]*)[\0 ]*\Z"),
+    "CS": re.compile(rb"((?:[A-Za-z0-9_][A-Za-z0-9_ ]*?)?) *\Z"),
+    "IS": re.compile(rb" *([0-9]+) *\Z"),
+}
 
 # A deflated dataset may always inflate to this much, whatever its ratio:
 # small highly compressible instances (an empty SR, a blank frame) are fine.
@@ -92,7 +104,7 @@ def read_header(path: Path, bound: InflateBound) -> Header:
     try:
         with path.open("rb") as fp:
             ds, transfer_syntax, truncated = _read(fp, path.stat().st_size, bound)
-        values = {k: ds.get(k) for k in HEADER_TAGS}
+        values = header_values(ds)
     except BadInstance:
         raise
     except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError,
@@ -113,6 +125,39 @@ def read_header(path: Path, bound: InflateBound) -> Header:
         pixel_bytes=declared_pixel_bytes(values),
         transfer_syntax=transfer_syntax,
     )
+
+
+def header_values(ds: Dataset) -> dict[str, Any]:
+    """``{keyword: ds.get(keyword)}`` for HEADER_TAGS, with the same values."""
+    return {keyword: _value(ds, keyword, tag, vr)
+            for keyword, tag, vr in zip(HEADER_TAGS, _TAGS, _VRS, strict=True)}
+
+
+def _value(ds: Dataset, keyword: str, tag: BaseTag | int, vr: str) -> Any:
+    """What ``ds.get(keyword)`` gives, read straight from the raw bytes where
+    they are in a plain form: pydicom converts and validates each value (a
+    regular expression per UID), a tenth of a receiver's Python time per
+    instance.  Anything else (another VR, several values, other characters)
+    is pydicom's to read."""
+    raw = ds.get_item(tag)
+    if raw is None:
+        return None
+    plain = _PLAIN.get(vr)
+    if (not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes) or raw.VR not in (None, vr)
+            or (plain is None and vr != "US")):
+        return ds.get(keyword)
+    value = raw.value
+    if vr == "US":
+        if len(value) == 2:
+            return struct.unpack("<H" if raw.is_little_endian else ">H", value)[0]
+        return None if not value else ds.get(keyword)
+    if vr == "IS" and not value:
+        return None
+    match = plain.match(value) if plain is not None else None
+    if match is None:
+        return ds.get(keyword)
+    text = match.group(1).decode("ascii")
+    return int(text) if vr == "IS" else text
 
 
 def _read(fp: BinaryIO, size: int, bound: InflateBound) -> tuple[Dataset, str, bool]:
