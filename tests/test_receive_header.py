@@ -11,7 +11,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.tag import Tag
 
 from dicom_node.receive import header as receive_header
@@ -92,6 +93,27 @@ def test_an_element_pydicom_already_converted_is_taken_as_it_is():
     assert values["SOPInstanceUID"] == "1.2.3" and values["Rows"] == 64 and values["Modality"] is None
 
 
+def test_a_file_meta_read_raw_leaves_the_file_where_pydicom_leaves_it(tmp_path):
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "x.dcm"
+    dcmwrite(path, ds, enforce_file_format=True)
+    with path.open("rb") as fp:
+        read_preamble(fp, False)
+        assert receive_header._transfer_syntax(fp) == ExplicitVRLittleEndian
+        ours = fp.tell()
+        fp.seek(0)
+        read_preamble(fp, False)
+        _read_file_meta_info(fp)
+        assert ours == fp.tell()
+
+
 def _corpus() -> list[Path]:
     return sorted(p for p in TEST_FILES.glob("*.dcm") if p.stat().st_size < 64 * 1024 * 1024)
 
@@ -101,11 +123,14 @@ def test_pydicom_test_files_read_the_same_header_values():
     for path in _corpus():
         try:
             with path.open("rb") as fp:
-                ds, _, _ = receive_header._read(fp, path.stat().st_size, _BOUND)
+                ds, syntax, _ = receive_header._read(fp, path.stat().st_size, _BOUND)
         except Exception:  # noqa: BLE001 - files the receiver refuses are not what this compares
             continue
         expected = _reference(ds)
         ours = {k: _comparable(v) for k, v in header_values(ds).items()}
         assert ours == expected, path.name
+        with path.open("rb") as fp:
+            read_preamble(fp, False)
+            assert syntax == str(_read_file_meta_info(fp).get("TransferSyntaxUID", "")), path.name
         compared += 1
     assert compared >= 60  # 74 with pydicom 3.0
