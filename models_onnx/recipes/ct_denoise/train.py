@@ -116,7 +116,8 @@ class DenoiseNet(nn.Module):
     the clean image.
     """
 
-    def __init__(self, factor: int = FACTOR, channels: int = CHANNELS, depth: int = DEPTH) -> None:
+    def __init__(self, factor: int = FACTOR, channels: int = CHANNELS, depth: int = DEPTH,
+                 noise_highpass_sigma: float = 0.0) -> None:
         super().__init__()
         c_io = factor * factor
         layers: list[nn.Module] = [nn.Conv2d(c_io, channels, 3, padding=1), nn.ReLU(inplace=True)]
@@ -128,9 +129,41 @@ class DenoiseNet(nn.Module):
         self.down = nn.PixelUnshuffle(factor)
         self.body = nn.Sequential(*layers)
         self.up = nn.PixelShuffle(factor)
+        self.highpass = _NoiseHighpass(noise_highpass_sigma) if noise_highpass_sigma > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.up(self.body(self.down(x * INNER_GAIN))) / INNER_GAIN
+        noise = self.up(self.body(self.down(x * INNER_GAIN))) / INNER_GAIN
+        if self.highpass is not None:
+            noise = self.highpass(noise)
+        return x - noise
+
+
+class _NoiseHighpass(nn.Module):
+    """Removes the Gaussian local mean from the predicted noise (``--noise-highpass-sigma``).
+
+    A denoiser that subtracts a field with no content at scales above the
+    blur cannot move a region's mean CT number much: the ROI means a
+    quality report reads stay put by construction instead of by a loss term
+    that trades against PSNR.  White noise loses only 1 / (4 pi sigma^2) of
+    its variance to the blur (0.5 % at sigma 4 px), so the SD it can remove
+    is barely limited.  Fixed weights, separable, reflect-padded: plain ONNX
+    Pad and Conv nodes.
+    """
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.radius = int(np.ceil(4 * sigma))
+        g = torch.exp(-0.5 * ((torch.arange(2 * self.radius + 1, dtype=torch.float32)
+                               - self.radius) / sigma) ** 2)
+        g = g / g.sum()
+        self.register_buffer("row", g[None, None, None, :].clone())
+        self.register_buffer("col", g[None, None, :, None].clone())
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        r = self.radius
+        padded = nn.functional.pad(noise, (r, r, r, r), mode="reflect")
+        local_mean = nn.functional.conv2d(nn.functional.conv2d(padded, self.row), self.col)
+        return noise - local_mean
 
 
 def normalise(hu: np.ndarray) -> np.ndarray:
@@ -569,7 +602,7 @@ def train(args: argparse.Namespace, seed: int) -> tuple[nn.Module, float, float]
     data = make_train_set(seed, args.n_train)
     t_data = time.perf_counter() - t0
     print(f"  data {t_data:.0f} s", flush=True)
-    model = DenoiseNet()
+    model = DenoiseNet(noise_highpass_sigma=args.noise_highpass_sigma)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
                                                 pct_start=0.05)
@@ -613,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of the (1 - SSIM) loss term beside the MSE (see loss_fn)")
     ap.add_argument("--local-mean-weight", type=float, default=LOCAL_MEAN_WEIGHT,
                     help="weight of the MSE of Gaussian local means (see LOCAL_MEAN_WEIGHT)")
+    ap.add_argument("--noise-highpass-sigma", type=float, default=0.0,
+                    help="remove the Gaussian local mean (sigma in pixels) from the predicted "
+                         "noise inside the graph, so ROI means cannot shift (0: off, the committed model)")
     ap.add_argument("--version", default="1.1.0",
                     help="model version for the manifest; bump it for a new model, since "
                          "result UIDs derive from it")
@@ -753,7 +789,10 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
         "family": {"scheme": "DCM", "value": "123110", "meaning": "Artificial Intelligence"},
         "description": ("Low-dose CT denoiser: DnCNN-style residual CNN (pixel-unshuffle "
                         f"x{FACTOR}, {DEPTH} conv layers, {CHANNELS} channels, input scaled by "
-                        f"{INNER_GAIN:g} inside the graph, {n_params} parameters) mapping a noisy axial CT slice to a denoised slice in HU."),
+                        f"{INNER_GAIN:g} inside the graph, {n_params} parameters) mapping a noisy axial CT slice to a denoised slice in HU"
+                        + (f"; the predicted noise loses its Gaussian local mean (sigma "
+                           f"{args.noise_highpass_sigma:g} px) inside the graph, so region means are kept"
+                           if args.noise_highpass_sigma > 0 else "") + "."),
         "intended_use": ("Reference model trained only on synthetic phantoms, shipped to "
                          "validate the denoising pipeline end to end (ONNX loading, "
                          "normalisation, DICOM output, quality report). Not for clinical use; "
