@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 import pynetdicom
 from pynetdicom import _config, acse, dimse_messages, dimse_primitives, dul, evt, fsm, service_class, transport
@@ -167,7 +167,7 @@ def check() -> None:
              and '(context_id, b"\\x03" + next(cmd_fragments))' in encode_msg
              and "fragment_length -= 6" in _source(dimse_messages.DIMSEMessage._generate_pdv_fragments)
              and callable(getattr(Association, "get_handlers", None)),
-             "DIMSEServiceProvider.send_msg or the C-STORE-RSP command set changed")
+             "DIMSEServiceProvider.send_msg, encode_msg or the C-STORE command sets changed")
     _require("NodeServer.get_request",
              list(inspect.signature(AssociationServer.get_request).parameters) == ["self"]
              and "wrap_socket" in _source(AssociationServer.get_request)
@@ -465,8 +465,25 @@ def _command_set(elements: list[tuple[int, bytes | None]]) -> bytes:
     return _element(0x00000000, struct.pack("<I", len(body))) + body
 
 
-def _short(*values: object) -> bool:
-    return all(isinstance(v, int) and 0 <= v <= 0xFFFF for v in values)
+def _short(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and 0 <= value <= 0xFFFF
+
+
+def _store_command(primitive: dimse_primitives.C_STORE, command: int,
+                   middle: list[tuple[int, bytes | None]]) -> bytes | None:
+    """A C-STORE command set: the affected SOP class, the command field,
+    ``middle`` and the affected SOP instance, in tag order; None where a
+    UID cannot be written as ASCII."""
+    sop_class, sop_instance = primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID
+    try:
+        return _command_set([
+            (0x00000002, None if sop_class is None else _uid(sop_class)),
+            (0x00000100, _us(command)),
+            *middle,
+            (0x00001000, None if sop_instance is None else _uid(sop_instance)),
+        ])
+    except UnicodeEncodeError:
+        return None
 
 
 def encode_store_response(rsp: dimse_primitives.C_STORE) -> bytes | None:
@@ -475,21 +492,11 @@ def encode_store_response(rsp: dimse_primitives.C_STORE) -> bytes | None:
     does not write (an offending element, an error comment) or a value that
     does not fit."""
     status, message_id = rsp.Status, rsp.MessageIDBeingRespondedTo
-    if (rsp.OffendingElement is not None or rsp.ErrorComment is not None or not isinstance(status, int)
-            or not isinstance(message_id, int) or not _short(status, message_id)):
+    if (rsp.OffendingElement is not None or rsp.ErrorComment is not None
+            or not _short(status) or not _short(message_id)):
         return None
-    sop_class, sop_instance = rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID
-    try:
-        return _command_set([
-            (0x00000002, None if sop_class is None else _uid(sop_class)),
-            (0x00000100, _us(_C_STORE_RSP)),
-            (0x00000120, _us(message_id)),
-            (0x00000800, _us(_NO_DATA_SET)),
-            (0x00000900, _us(status)),
-            (0x00001000, None if sop_instance is None else _uid(sop_instance)),
-        ])
-    except UnicodeEncodeError:
-        return None
+    return _store_command(rsp, _C_STORE_RSP, [(0x00000120, _us(message_id)), (0x00000800, _us(_NO_DATA_SET)),
+                                              (0x00000900, _us(status))])
 
 
 def encode_store_request(rq: dimse_primitives.C_STORE) -> bytes | None:
@@ -498,21 +505,11 @@ def encode_store_request(rq: dimse_primitives.C_STORE) -> bytes | None:
     originator or a value this does not write."""
     message_id, priority = rq.MessageID, rq.Priority
     if (rq.MoveOriginatorApplicationEntityTitle is not None or rq.MoveOriginatorMessageID is not None
-            or not isinstance(message_id, int) or not _short(message_id)
-            or not (priority is None or _short(priority))):
+            or not _short(message_id) or not (priority is None or _short(priority))):
         return None
-    sop_class, sop_instance = rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID
-    try:
-        return _command_set([
-            (0x00000002, None if sop_class is None else _uid(sop_class)),
-            (0x00000100, _us(_C_STORE_RQ)),
-            (0x00000110, _us(message_id)),
-            (0x00000700, None if priority is None else _us(priority)),
-            (0x00000800, _us(_DATA_SET)),
-            (0x00001000, None if sop_instance is None else _uid(sop_instance)),
-        ])
-    except UnicodeEncodeError:
-        return None
+    return _store_command(rq, _C_STORE_RQ, [(0x00000110, _us(message_id)),
+                                            (0x00000700, None if priority is None else _us(priority)),
+                                            (0x00000800, _us(_DATA_SET))])
 
 
 def _data_set_fragments(primitive: dimse_primitives.C_STORE, limit: int) -> Iterator[bytes] | None:

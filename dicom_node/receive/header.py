@@ -143,17 +143,14 @@ def _value(ds: Dataset, keyword: str, tag: BaseTag | int, vr: str) -> Any:
     raw = ds.get_item(tag)
     if raw is None:
         return None
-    plain = _PLAIN.get(vr)
-    if (not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes) or raw.VR not in (None, vr)
-            or (plain is None and vr != "US")):
+    if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes) or raw.VR not in (None, vr):
         return ds.get(keyword)
     value = raw.value
-    if vr == "US":
-        if len(value) == 2:
-            return struct.unpack("<H" if raw.is_little_endian else ">H", value)[0]
-        return None if not value else ds.get(keyword)
+    if vr == "US" and len(value) in (0, 2):
+        return struct.unpack("<H" if raw.is_little_endian else ">H", value)[0] if value else None
     if vr == "IS" and not value:
         return None
+    plain = _PLAIN.get(vr)
     match = plain.match(value) if plain is not None else None
     if match is None:
         return ds.get(keyword)
@@ -190,8 +187,11 @@ def _transfer_syntax(fp: BinaryIO) -> str:
     of a receiver's Python time per instance for one value; a meta whose
     syntax is not in a plain form is read by pydicom as before."""
     start = fp.tell()
-    raw = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_after_meta)
-    syntax = _value(raw, "TransferSyntaxUID", _TRANSFER_SYNTAX, "UI")
+    try:
+        raw = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_after_meta)
+        syntax = _value(raw, "TransferSyntaxUID", _TRANSFER_SYNTAX, "UI")
+    except (ValueError, TypeError, KeyError, EOFError, NotImplementedError, OverflowError):
+        syntax = None  # pydicom's own reader retries a broken meta (as implicit VR)
     if isinstance(syntax, str) and syntax:
         return syntax
     fp.seek(start)
