@@ -412,3 +412,46 @@ def test_local_sd_in_one_transform_matches_a_float64_filter_on_ct_values():
     got, _ = ct_quality._footprint_means(np.ascontiguousarray(x[:200, :230], np.float32),
                                          (anisotropic / anisotropic.sum()).astype(np.float32))
     assert np.abs(got - mean).max() < 0.01
+
+
+def _exact_lowest_sd(img: np.ndarray, region: np.ndarray, spacing, radius_mm: float) -> np.ndarray:
+    """Float64 local SD over the whole slice, inf outside the eligible centres."""
+    inner = cv2.erode(region, ct_quality._ellipse_kernel(radius_mm + ct_quality._EDGE_MARGIN_MM, spacing))
+    footprint = ct_quality._ellipse_kernel(radius_mm, spacing)
+    k = footprint.astype(np.float64) / footprint.sum()
+    x = img.astype(np.float64)
+    mean = cv2.filter2D(x, -1, k, borderType=cv2.BORDER_REFLECT)
+    sq = cv2.filter2D(x * x, -1, k, borderType=cv2.BORDER_REFLECT)
+    return np.where(inner.astype(bool), np.sqrt(np.maximum(sq - mean * mean, 0.0)), np.inf)
+
+
+@pytest.mark.parametrize("spacing", [(0.7, 0.7), (0.7, 1.1)])
+def test_roi_search_on_the_centres_crop_finds_the_whole_slices_calmest_centre(spacing):
+    vol = ct_phantom.make_volume(np.random.default_rng(5), 1, size=256)
+    img = vol.low_dose_hu[0].astype(np.float32)
+    smoothed = ct_quality._smoothed(img[None], spacing)
+    cases = {
+        "fat, inside the body": ct_quality._tissue_masks(smoothed, spacing, *ct_quality.FAT_HU_RANGE)[0],
+        "air outside the body, at the image's edges": ct_quality._outside_air(smoothed)[0],
+    }
+    for what, region in cases.items():
+        exact = _exact_lowest_sd(img, region, spacing, 4.0)
+        found = ct_quality._lowest_sd_centre(img, region, spacing, 4.0)
+        assert found is not None, what
+        sd, (row, col) = found
+        # The crop's SD is the whole slice's to float32 rounding, and its centre
+        # is the calmest (two centres closer than that rounding may swap).
+        assert np.isfinite(exact[row, col]), f"{what}: centre outside the eligible region"
+        assert abs(sd - exact[row, col]) < 0.05, what
+        assert exact[row, col] - exact.min() < 0.01, what
+    assert ct_quality._lowest_sd_centre(img, np.zeros_like(region), spacing, 4.0) is None
+
+
+def test_fill_holes_by_label_table_is_what_isin_gives():
+    rng = np.random.default_rng(2)
+    mask = (cv2.GaussianBlur(rng.random((90, 70)).astype(np.float32), (0, 0), 3) > 0.5).astype(np.uint8)
+    _, lab = cv2.connectedComponents(1 - mask, connectivity=4)
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    expected = (~np.isin(lab, border)).astype(np.uint8) | mask
+    assert np.array_equal(ct_quality._fill_holes(mask), expected)
+    assert ct_quality._fill_holes(mask).sum() > mask.sum()  # the case has holes to fill

@@ -186,7 +186,12 @@ def _kernel_spectrum(kernel: bytes, shape: tuple[int, int], padded: tuple[int, i
     return spectrum
 
 
-def _tissue_masks(vol: np.ndarray, spacing: tuple[float, float], lo: float, hi: float,
+def _smoothed(vol: np.ndarray, spacing: tuple[float, float]) -> list[np.ndarray]:
+    """Every slice smoothed once: the blood, fat and air masks all threshold it."""
+    return _map(lambda img: _smooth(img, spacing), list(vol))
+
+
+def _tissue_masks(smoothed: list[np.ndarray], spacing: tuple[float, float], lo: float, hi: float,
                   exclude_bone: bool = False) -> list[np.ndarray]:
     """Per slice, pixels whose smoothed value lies in [lo, hi] (uint8 0/1).
 
@@ -196,42 +201,55 @@ def _tissue_masks(vol: np.ndarray, spacing: tuple[float, float], lo: float, hi: 
     """
     rim = _ellipse_kernel(2.0, spacing)
 
-    def one(img: np.ndarray) -> np.ndarray:
-        s = _smooth(img, spacing)
+    def one(s: np.ndarray) -> np.ndarray:
         m = ((s >= lo) & (s <= hi)).astype(np.uint8)
         if exclude_bone:
             m &= (1 - cv2.dilate(_fill_holes((s > hi).astype(np.uint8)), rim)).astype(np.uint8)
         return m
-    return _map(one, list(vol))
+    return _map(one, smoothed)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` plus every region it fully encloses."""
-    _, lab = cv2.connectedComponents(1 - mask, connectivity=4)
-    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-    filled: np.ndarray = (~np.isin(lab, border)).astype(np.uint8) | mask
+    count, lab = cv2.connectedComponents(1 - mask, connectivity=4)
+    # A table over the labels rather than np.isin over every pixel (a sort of
+    # the whole image): a label is a hole unless it touches the border.
+    enclosed = np.ones(count, np.uint8)
+    enclosed[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = 0
+    filled: np.ndarray = enclosed[lab] | mask
     return filled
 
 
-def _outside_air(vol: np.ndarray, spacing: tuple[float, float]) -> list[np.ndarray]:
+def _outside_air(smoothed: list[np.ndarray]) -> list[np.ndarray]:
     """Per slice, air connected to the image border (outside the body, not lung)."""
-    def one(img: np.ndarray) -> np.ndarray:
-        air = (_smooth(img, spacing) < AIR_HU_MAX).astype(np.uint8)
+    def one(s: np.ndarray) -> np.ndarray:
+        air = (s < AIR_HU_MAX).astype(np.uint8)
         # Border-connected air is whatever hole-filling the body does not reach.
         outside: np.ndarray = air & (1 - _fill_holes(1 - air))
         return outside
-    return _map(one, list(vol))
+    return _map(one, smoothed)
 
 
 def _lowest_sd_centre(img: np.ndarray, region: np.ndarray, spacing: tuple[float, float],
                       radius_mm: float) -> tuple[float, tuple[int, int]] | None:
     """(local SD, centre) of the calmest ROI position fully inside ``region``."""
-    inner = cv2.erode(region, _ellipse_kernel(radius_mm + _EDGE_MARGIN_MM, spacing)).astype(bool)
-    if not inner.any():
+    inner = cv2.erode(region, _ellipse_kernel(radius_mm + _EDGE_MARGIN_MM, spacing))
+    box = cv2.boundingRect(inner)  # (x, y, w, h); all zero when nothing is left
+    if box[2] == 0:
         return None
-    sd = np.where(inner, _local_sd(img, _ellipse_kernel(radius_mm, spacing)), np.inf)
+    footprint = _ellipse_kernel(radius_mm, spacing)
+    # The SD only where a centre can go: the centres' bounding box plus the
+    # footprint's half-size, within the image.  Every footprint there lies in
+    # the crop, and one cut by the image's edge is reflected at the same edge
+    # as in the whole slice, so the values are the whole slice's (to float32
+    # rounding), and row-major order, which breaks ties, is kept.
+    (x, y, w, h), (kr, kc) = box, (footprint.shape[0] // 2, footprint.shape[1] // 2)
+    top, left = max(0, y - kr), max(0, x - kc)
+    bottom, right = min(img.shape[0], y + h + kr), min(img.shape[1], x + w + kc)
+    crop = inner[top:bottom, left:right].astype(bool)
+    sd = np.where(crop, _local_sd(img[top:bottom, left:right], footprint), np.inf)
     idx = int(np.argmin(sd))
-    return float(sd.flat[idx]), (idx // sd.shape[1], idx % sd.shape[1])
+    return float(sd.flat[idx]), (top + idx // sd.shape[1], left + idx % sd.shape[1])
 
 
 def _fit(vol: np.ndarray, regions: list[tuple[int, np.ndarray]], spacing: tuple[float, float],
@@ -313,7 +331,8 @@ def choose_regions(volume_hu: np.ndarray, pixel_spacing_mm: tuple[float, float],
     if min(spacing) <= 0:
         raise PipelineError(f"quality: invalid pixel spacing {pixel_spacing_mm}")
 
-    blood_masks = _tissue_masks(vol, spacing, *BLOOD_HU_RANGE, exclude_bone=True)
+    smoothed = _smoothed(vol, spacing)
+    blood_masks = _tissue_masks(smoothed, spacing, *BLOOD_HU_RANGE, exclude_bone=True)
     pool = _largest_component(blood_masks, spacing, min_radius_mm)
     blood = _fit(vol, pool, spacing, blood_radius_mm, min_radius_mm)
     if blood is None:
@@ -328,13 +347,13 @@ def choose_regions(volume_hu: np.ndarray, pixel_spacing_mm: tuple[float, float],
         description=(f"blood pool ROI ({BLOOD_HU_RANGE[0]:.0f}..{BLOOD_HU_RANGE[1]:.0f} HU), "
                      f"{br:g} mm radius, slice {bz}, centre (row {bc[0]}, col {bc[1]})"))
 
-    fat_masks = _tissue_masks(vol, spacing, *FAT_HU_RANGE)
+    fat_masks = _tissue_masks(smoothed, spacing, *FAT_HU_RANGE)
     ref = _fit(vol, list(enumerate(fat_masks)), spacing, reference_radius_mm, min_radius_mm)
     if ref is not None:
         tissue = "adipose tissue"
         label = f"fat reference ROI ({FAT_HU_RANGE[0]:.0f}..{FAT_HU_RANGE[1]:.0f} HU)"
     else:
-        ref = _fit(vol, list(enumerate(_outside_air(vol, spacing))), spacing,
+        ref = _fit(vol, list(enumerate(_outside_air(smoothed))), spacing,
                    reference_radius_mm, min_radius_mm)
         tissue = "air outside the body"
         label = f"air reference ROI (< {AIR_HU_MAX:.0f} HU, outside the body)"
