@@ -30,7 +30,7 @@ from pydicom import dcmread
 
 from dicom_node.config import load_config
 from dicom_node.infer.engine import ModelRegistry
-from dicom_node.pipelines.base import PipelineInput, get_pipeline
+from dicom_node.pipelines.base import PipelineInput, configure_threads, get_pipeline
 from dicom_node_synthetic import cardiac_phantom
 from dicom_node_synthetic.dicom_mr import cine_series
 
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     args = ap.parse_args()
     root = workdir()
+    configure_threads()  # as the node's worker process does
     try:
         study = cardiac_phantom.make_cine(np.random.default_rng(2), args.slices, args.phases, args.size)
         files = {name: write_datasets(root / name, cine_series(study.images, seed=f"bench-cine-{name}",

@@ -31,7 +31,7 @@ from pydicom import dcmread
 
 from dicom_node.config import load_config
 from dicom_node.infer.engine import ModelRegistry
-from dicom_node.pipelines.base import PipelineInput, get_pipeline
+from dicom_node.pipelines.base import PipelineInput, configure_threads, get_pipeline
 from dicom_node_synthetic import cxr_phantom
 from dicom_node_synthetic.dicom_dx import dx_image
 
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=20)
     args = ap.parse_args()
     root = workdir()
+    configure_threads()  # as the node's worker process does
     try:
         rng = np.random.default_rng(6)
         base = cxr_phantom.make_radiograph(rng, None, size=(2500, 2048)).image

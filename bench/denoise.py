@@ -31,7 +31,7 @@ from pydicom.filewriter import dcmwrite
 from dicom_node.config import load_config
 from dicom_node.infer.engine import ModelRegistry
 from dicom_node.infer.runner import denoise
-from dicom_node.pipelines.base import PipelineInput, get_pipeline
+from dicom_node.pipelines.base import PipelineInput, configure_threads, get_pipeline
 from dicom_node.pipelines.volume import load_volume
 from dicom_node_synthetic import ct_phantom
 from dicom_node_synthetic.dicom_ct import ct_series
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     args = ap.parse_args()
     root = workdir()
+    configure_threads()  # as the node's worker process does
     try:
         vol = ct_phantom.make_volume(np.random.default_rng(3), min(args.slices, 16), size=args.size)
         # Repeat the simulated stack to the wanted length (simulation is slow).

@@ -48,8 +48,10 @@ log = logging.getLogger("dicom_node.service")
 def worker_main(config: Config, name: str, log_level: str, json_logs: bool) -> None:
     """Entry point of a worker process."""
     from dicom_node.infer.worker import Worker
+    from dicom_node.pipelines.base import configure_threads
 
     setup_logging(log_level, json_logs)
+    configure_threads()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

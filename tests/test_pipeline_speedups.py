@@ -455,3 +455,18 @@ def test_fill_holes_by_label_table_is_what_isin_gives():
     expected = (~np.isin(lab, border)).astype(np.uint8) | mask
     assert np.array_equal(ct_quality._fill_holes(mask), expected)
     assert ct_quality._fill_holes(mask).sum() > mask.sum()  # the case has holes to fill
+
+
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (16, None)])
+def test_opencv_threads_give_way_to_the_pipelines_pools_on_small_machines(monkeypatch, cores, expected):
+    from dicom_node.pipelines import base
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(-1)  # OpenCV's default
+        default = cv2.getNumThreads()
+        monkeypatch.setattr(base.os, "cpu_count", lambda: cores)
+        base.configure_threads()
+        assert cv2.getNumThreads() == (default if expected is None else expected)
+    finally:
+        cv2.setNumThreads(before)
