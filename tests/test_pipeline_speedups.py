@@ -470,3 +470,18 @@ def test_opencv_threads_give_way_to_the_pipelines_pools_on_small_machines(monkey
         assert cv2.getNumThreads() == (default if expected is None else expected)
     finally:
         cv2.setNumThreads(before)
+
+
+def test_capture_shrinks_in_two_steps_within_a_grey_level_of_one():
+    from dicom_node_synthetic.cxr_phantom import make_radiograph
+
+    image = make_radiograph(np.random.default_rng(4), size=(1250, 1024)).image.astype(np.float32)
+    size = (419, 512)  # (columns, rows): as a 2500-row radiograph's capture, at half the scale
+    one = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    two = cxr_triage._shrunk(image, size)
+    assert two.shape == one.shape == (512, 419)
+    assert np.abs(two - one).mean() * 255 < 0.5
+    assert np.percentile(np.abs(two - one), 99.9) * 255 < 8
+    # Less than halving: one step, as before.
+    near = (900, 1100)
+    assert np.array_equal(cxr_triage._shrunk(image, near), cv2.resize(image, near, interpolation=cv2.INTER_AREA))

@@ -312,12 +312,24 @@ def _overlay(grey: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return cv2.blendLinear(colour, cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB), alpha, 1 - alpha)
 
 
+def _shrunk(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` area-averaged to ``size`` (columns, rows).  OpenCV's
+    INTER_AREA at a non-integer factor costs 6.6 ms on a 5-megapixel
+    radiograph; halving first (its 2 x 2 mean, a fast path) and then the
+    rest costs 3.9 ms, within 0.35 grey levels on average of one step (a
+    display picture, not a model input)."""
+    rows, cols = image.shape[:2]
+    if size[0] <= cols // 2 and size[1] <= rows // 2:
+        image = cv2.resize(image, (cols // 2, rows // 2), interpolation=cv2.INTER_AREA)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def _capture(read: _Read, prov: Provenance) -> Dataset:
     image = read.image
     longest = max(image.shape)
     scale = min(1.0, 1024 / longest)  # a viewer-friendly size; the heat map is coarse anyway
     size = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[0] * scale)))
-    grey = (cv2.resize(image, size, interpolation=cv2.INTER_AREA) * 255).astype(np.uint8)
+    grey = (_shrunk(image, size) * 255).astype(np.uint8)
     result = read.result
     if result.heat is not None:
         rgb = _overlay(grey, result.heat.at((size[1], size[0])))
