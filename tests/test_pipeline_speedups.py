@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
+from pydicom.sr.codedict import codes
 
 from dicom_node.config import load_config
 from dicom_node.encode import highdicom_compat
@@ -100,6 +101,16 @@ def test_highdicom_compat_fails_loudly_when_its_assumptions_break(monkeypatch):
     import highdicom
     monkeypatch.setattr(highdicom, "__version__", "0.31.0")
     with pytest.raises(highdicom_compat.CompatError, match="supported"):
+        highdicom_compat.check()
+    monkeypatch.undo()
+    import highdicom.sr.sop
+    import highdicom.sr.utils
+    monkeypatch.setattr(highdicom.sr.sop, "deepcopy", lambda x, memo=None: x)
+    with pytest.raises(highdicom_compat.CompatError, match="no longer copies with copy.deepcopy"):
+        highdicom_compat.check()
+    monkeypatch.undo()
+    monkeypatch.setattr(highdicom.sr.utils, "find_content_items", lambda dataset, name=None: [])
+    with pytest.raises(highdicom_compat.CompatError, match="find_content_items is now"):
         highdicom_compat.check()
 
 
@@ -272,6 +283,77 @@ def test_ct_denoise_with_the_roi_search_beside_inference_gives_the_same_report()
                 for i in _walk(sr)]
     assert measured(inline) == measured(beside)
     assert any("Mean" in name for name, _ in measured(inline))
+
+
+def _small_ct_job(name: str):
+    from dicom_node.pipelines.base import PipelineInput
+    vol = ct_phantom.make_volume(np.random.default_rng(1), 7, size=96)
+    sources = [_roundtrip(ds) for ds in ct_series(vol.low_dose_hu, seed=name, pixel_mm=vol.pixel_mm,
+                                                   slice_mm=vol.slice_mm)]
+    return PipelineInput(1, "t", sources, {"batch_size": 4}, lambda ds: None)
+
+
+def _without_sr_shortcuts(monkeypatch) -> None:
+    import highdicom.sr.sop
+    for module in (highdicom.sr.utils, highdicom.sr.content, highdicom.sr.templates, highdicom.sr):
+        if getattr(module, "find_content_items", None) is highdicom_compat.find_content_items:
+            monkeypatch.setattr(module, "find_content_items", highdicom_compat._ORIGINAL_FIND)
+    monkeypatch.setattr(highdicom.sr.sop, "deepcopy", copy.deepcopy)
+
+
+def test_sr_built_from_its_own_tree_is_what_highdicom_builds_from_a_copy(monkeypatch):
+    """The CT report (128 evidence instances' worth of references, ROIs on two
+    series) with highdicom's content copy and its own tree search, and without."""
+    import highdicom.sr.utils
+    from dicom_node.pipelines.base import get_pipeline
+    assert highdicom.sr.utils.find_content_items is highdicom_compat.find_content_items  # installed
+    model = ModelRegistry(load_config().models_dir).get("ct_denoise")
+    pipeline = get_pipeline("ct_denoise")
+    shortcut = pipeline.run(_small_ct_job("sr-shortcuts"), model).datasets[-1]
+    _without_sr_shortcuts(monkeypatch)
+    plain = pipeline.run(_small_ct_job("sr-shortcuts"), model).datasets[-1]
+    assert _sr_json(shortcut) == _sr_json(plain)
+    assert len(shortcut.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence) == 2
+    # The shared tree is the SR's own: what the SR says is what its content says.
+    assert shortcut.ContentSequence[0] is shortcut._content[0].ContentSequence[0]
+
+
+def test_deep_copies_outside_a_handed_over_build_are_still_made():
+    import highdicom.sr.sop
+    from pydicom import Dataset
+    from pydicom.sequence import Sequence
+    tree = Sequence([Dataset()])
+    tree[0].ValueType = "CONTAINER"
+    other = copy.deepcopy(tree)
+    with highdicom_compat.content_handed_over(tree):
+        assert highdicom.sr.sop.deepcopy(tree[0]) is tree[0]
+        assert highdicom.sr.sop.deepcopy(other[0]) is not other[0]
+        assert highdicom.sr.sop.deepcopy(tree[0], {}) is not tree[0]  # a copy inside another's copy
+    assert highdicom.sr.sop.deepcopy(tree[0]) is not tree[0]
+
+
+def test_tree_search_without_a_name_finds_what_highdicom_finds():
+    from dicom_node.pipelines.base import get_pipeline
+    from highdicom.sr import RelationshipTypeValues, ValueTypeValues
+    model = ModelRegistry(load_config().models_dir).get("ct_denoise")
+    sr = get_pipeline("ct_denoise").run(_small_ct_job("tree-search"), model).datasets[-1]
+    found = 0
+    for root in (sr, next(i for i in sr.ContentSequence if "ContentSequence" in i)):
+        for value in [None, *ValueTypeValues, "IMAGE"]:
+            for relationship in [None, *RelationshipTypeValues, "CONTAINS"]:
+                for recursive in (False, True):
+                    ours = highdicom_compat.find_content_items(root, None, value, relationship, recursive)
+                    theirs = highdicom_compat._ORIGINAL_FIND(root, None, value, relationship, recursive)
+                    assert list(map(id, ours)) == list(map(id, theirs)), (value, relationship, recursive)
+                    found += len(ours)
+    assert found > 100
+    name = codes.DCM.ImagingMeasurements
+    assert highdicom_compat.find_content_items(sr, name, recursive=True) == \
+        highdicom_compat._ORIGINAL_FIND(sr, name, recursive=True) != []
+    with pytest.raises(ValueError):
+        highdicom_compat.find_content_items(sr, value_type="PICTURE")
+    with pytest.raises(AttributeError, match="Content Sequence"):
+        highdicom_compat.find_content_items(sr.ContentSequence[0])
 
 
 def _walk(ds):

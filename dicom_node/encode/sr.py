@@ -16,7 +16,7 @@ from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
 from dicom_node.encode.provenance import DEVICE_NAME, MANUFACTURER, Provenance, highdicom_source
-from dicom_node.encode import highdicom_compat  # noqa: F401 - memoised IOD look-ups
+from dicom_node.encode import highdicom_compat
 
 __all__ = ["observation_context", "measurement_report_sr", "PRIVATE_SCHEME", "private_code",
            "with_texts", "COMMENT", "NORMALITY", "RECOMMENDATION", "FINDINGS", "REGION_DESCRIPTION"]
@@ -85,7 +85,19 @@ def measurement_report_sr(
         imaging_measurements=list(groups),
         title=codes.DCM.ImagingMeasurementReport,
     )
-    sr = hd.sr.Comprehensive3DSR(
+    # The report tree was made for this SR alone, so highdicom need not copy it.
+    with highdicom_compat.content_handed_over(report):
+        sr = _comprehensive_3d_sr(prov, evidence, report, series_number, title)
+    sr.ContributingEquipmentSequence = [prov.contributing_equipment()]
+    sr.ContributingEquipmentSequence[0].DeviceUID = prov.device_uid
+    if _uses_private_scheme(sr):
+        _declare_private_scheme(sr)
+    return sr
+
+
+def _comprehensive_3d_sr(prov: Provenance, evidence: Sequence[Dataset], report: hd.sr.MeasurementReport,
+                         series_number: int, title: str) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.Comprehensive3DSR(
         # highdicom takes the patient from the first evidence item.
         evidence=[highdicom_source(evidence[0]), *evidence[1:]],
         content=report,
@@ -102,11 +114,6 @@ def measurement_report_sr(
         is_final=False,
         is_verified=False,
     )
-    sr.ContributingEquipmentSequence = [prov.contributing_equipment()]
-    sr.ContributingEquipmentSequence[0].DeviceUID = prov.device_uid
-    if _uses_private_scheme(sr):
-        _declare_private_scheme(sr)
-    return sr
 
 
 def _uses_private_scheme(ds: Dataset) -> bool:
