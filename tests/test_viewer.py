@@ -233,6 +233,25 @@ def _colour_pixels(png: bytes, box: tuple[int, int, int, int], rgb: list[int], t
     return int((np.abs(image - np.array(rgb)).max(axis=2) <= tolerance).sum())
 
 
+CINE_LOADED = """(() => {
+  const vp = window.cornerstone.getEnabledElements()[0].viewport;
+  const volume = window.cornerstone.cache.getVolume(vp.getAllVolumeIds()[0]);
+  return Boolean(volume && volume.loadStatus && volume.loadStatus.loaded);
+})()"""
+
+
+def _settled_colour_pixels(ohif, box: tuple[int, int, int, int], colours: list[list[int]],
+                           timeout: float = 10.0) -> list[int]:
+    """Each colour's pixel count once three screenshots 0.4 s apart agree (the render has settled)."""
+    deadline = time.monotonic() + timeout
+    seen: list[list[int]] = []
+    while True:
+        time.sleep(0.4)
+        seen.append([_colour_pixels(ohif.b.screenshot(), box, c) for c in colours])
+        if len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3] or time.monotonic() > deadline:
+            return seen[-1]
+
+
 SHOW = """(async (group, slice) => {
   const vp = window.cornerstone.getEnabledElements()[0].viewport;
   window.cornerstone.cache.getVolume(vp.getAllVolumeIds()[0]).dimensionGroupNumber = group;
@@ -262,12 +281,15 @@ def cardiac_seg(ohif, pacs):
     colours = ohif.b.js(SEG_COLOURS)
     left, top, right, bottom = ohif.viewport_box()
     box = (left, top + 110, right, bottom - 40)  # below the cine player, the only colour there without the SEG
+    # A fixed pause before each screenshot raced the 4D volume's streaming on a
+    # loaded machine (CI once saw no colour on any slice): wait for every phase's
+    # images, then for the screen to stop changing.
+    ohif.b.wait(CINE_LOADED, 120, "every phase of the cine loaded")
     pixels = {}  # (phase group, slice index) -> pixels of each segment's colour
     for g in (group, 1 if group != 1 else 2):
         for k in range(6):
             ohif.b.js(f"{SHOW}({g}, {k})")
-            time.sleep(0.8)
-            pixels[g, k] = [_colour_pixels(ohif.b.screenshot(), box, c) for c in colours]
+            pixels[g, k] = _settled_colour_pixels(ohif, box, colours)
     best = max(range(6), key=lambda k: min(pixels[group, k]))
     ohif.b.js(f"{SHOW}({group}, {best})")
     time.sleep(1.0)
