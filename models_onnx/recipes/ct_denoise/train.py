@@ -249,8 +249,13 @@ SSIM_WEIGHT = 0.0
 LOCAL_MEAN_WEIGHT = 0.0
 
 
+def local_mean_window(sigma_px: float) -> torch.Tensor:
+    """The Gaussian of the local-mean term, cut at 3 sigma."""
+    return _LOCAL_MEAN_WINDOW if sigma_px == LOCAL_MEAN_SIGMA_PX else _gauss_window(sigma_px, int(np.ceil(3 * sigma_px)))
+
+
 def loss_fn(pred: torch.Tensor, ref: torch.Tensor, ssim_weight: float,
-            local_mean_weight: float) -> torch.Tensor:
+            local_mean_weight: float, window: torch.Tensor = _LOCAL_MEAN_WINDOW) -> torch.Tensor:
     """MSE plus the weighted (1 - SSIM) plus the weighted MSE of local means.
     MSE alone leaves the model below NLM on white-noise SSIM; in 2000-step
     trial runs the SSIM term raised both SSIM and PSNR on validation slices."""
@@ -259,7 +264,7 @@ def loss_fn(pred: torch.Tensor, ref: torch.Tensor, ssim_weight: float,
         loss = loss + ssim_weight * _SSIM_TO_MSE * (1 - ssim_torch(pred, ref))
     if local_mean_weight > 0:
         loss = loss + local_mean_weight * nn.functional.mse_loss(
-            nn.functional.conv2d(pred, _LOCAL_MEAN_WINDOW), nn.functional.conv2d(ref, _LOCAL_MEAN_WINDOW))
+            nn.functional.conv2d(pred, window), nn.functional.conv2d(ref, window))
     return loss
 
 
@@ -289,9 +294,10 @@ def make_set(seed: int, n: int, i0_range: tuple[float, float] | None) -> PairSet
     return PairSet(np.stack(lows), np.stack(fulls), np.stack(labels), np.array(i0s))
 
 
-def _randomise_anatomy(rng: np.random.Generator, hu: np.ndarray, labels: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Break the generator's regularities: rotate and flip the patient, add
+def _randomise_anatomy(rng: np.random.Generator, hu: np.ndarray, labels: np.ndarray,
+                       blood_hu: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Break the generator's regularities: rotate and flip the patient, move
+    the blood pools to a random contrast level (``blood_hu``, opt-in), add
     smooth texture to soft tissue and fine texture to bone, and drop in random
     extra structures of random density (blobs, rods, small bright dots)."""
     size = hu.shape[0]
@@ -304,6 +310,10 @@ def _randomise_anatomy(rng: np.random.Generator, hu: np.ndarray, labels: np.ndar
     if rng.random() < 0.5:
         hu, labels = hu[:, ::-1].copy(), labels[:, ::-1].copy()
     body = labels > 0
+    blood = labels == Tissue.BLOOD
+    if blood_hu is not None and blood.any():
+        # One shift for every pool, so the chambers and aorta keep their order.
+        hu = np.where(blood, hu + (float(rng.uniform(*blood_hu)) - float(np.median(hu[blood]))), hu)
     soft = np.isin(labels, [Tissue.FAT, Tissue.MUSCLE, Tissue.MYOCARDIUM, Tissue.LUNG])
 
     def field(sigma: float, sd: float) -> np.ndarray:
@@ -332,7 +342,7 @@ def _randomise_anatomy(rng: np.random.Generator, hu: np.ndarray, labels: np.ndar
     return hu.astype(np.float32), labels
 
 
-def make_train_set(seed: int, n: int) -> PairSet:
+def make_train_set(seed: int, n: int, blood_hu: tuple[float, float] | None = None) -> PairSet:
     """``n`` domain-randomised phantoms: anatomy from ``render_anatomy`` at a
     random pixel size, randomised (``_randomise_anatomy``), then one
     simulated low-dose scan at a random dose with a random kernel; the target
@@ -343,7 +353,7 @@ def make_train_set(seed: int, n: int) -> PairSet:
         render_mm = (float(np.exp(rng.uniform(*np.log(TRAIN_RENDER_COARSE_MM))))
                      if rng.random() < TRAIN_COARSE_FRACTION else float(rng.uniform(*TRAIN_RENDER_MM)))
         hu, lab = render_anatomy(rng, SIZE, render_mm)
-        hu, lab = _randomise_anatomy(rng, hu, lab)
+        hu, lab = _randomise_anatomy(rng, hu, lab, blood_hu)
         kernel = str(rng.choice(KERNELS))
         i0 = float(np.exp(rng.uniform(*np.log(TRAIN_I0))))
         sino = forward_project(hu_to_mu(hu), PIXEL_MM)
@@ -599,20 +609,25 @@ def train(args: argparse.Namespace, seed: int) -> tuple[nn.Module, float, float]
     """Train on the domain-randomised set; returns (model, data s, training s)."""
     t0 = time.perf_counter()
     print(f"generating {args.n_train} domain-randomised training phantoms", flush=True)
-    data = make_train_set(seed, args.n_train)
+    data = make_train_set(seed, args.n_train,
+                          tuple(args.blood_hu_range) if args.blood_hu_range else None)
     t_data = time.perf_counter() - t0
     print(f"  data {t_data:.0f} s", flush=True)
     model = DenoiseNet(noise_highpass_sigma=args.noise_highpass_sigma)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
                                                 pct_start=0.05)
+    window = local_mean_window(args.local_mean_sigma)
+    if window.shape[-1] >= args.patch:
+        raise SystemExit(f"--local-mean-sigma {args.local_mean_sigma:g}: its window "
+                         f"({window.shape[-1]} px) does not fit in a {args.patch} px patch")
     rng = np.random.default_rng(args.seed + 10)
     model.train()
     t_train = time.perf_counter()
     running = 0.0
     for step in range(1, args.steps + 1):
         x, y = sample_patches(rng, data, args.batch, args.patch)
-        loss = loss_fn(model(x), y, args.ssim_weight, args.local_mean_weight)
+        loss = loss_fn(model(x), y, args.ssim_weight, args.local_mean_weight, window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -646,9 +661,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of the (1 - SSIM) loss term beside the MSE (see loss_fn)")
     ap.add_argument("--local-mean-weight", type=float, default=LOCAL_MEAN_WEIGHT,
                     help="weight of the MSE of Gaussian local means (see LOCAL_MEAN_WEIGHT)")
+    ap.add_argument("--local-mean-sigma", type=float, default=LOCAL_MEAN_SIGMA_PX,
+                    help="sigma in pixels of those local means (window cut at 3 sigma)")
     ap.add_argument("--noise-highpass-sigma", type=float, default=0.0,
                     help="remove the Gaussian local mean (sigma in pixels) from the predicted "
                          "noise inside the graph, so ROI means cannot shift (0: off, the committed model)")
+    ap.add_argument("--blood-hu-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="move each training slice's blood pools to a mean drawn uniformly in "
+                         "[LOW, HIGH] HU (off: the generator's 300-450 HU, the committed model)")
     ap.add_argument("--version", default="1.1.0",
                     help="model version for the manifest; bump it for a new model, since "
                          "result UIDs derive from it")
@@ -865,7 +885,7 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
         "training": {
             "recipe": "models_onnx/recipes/ct_denoise/train.py",
             "command": ("python models_onnx/recipes/ct_denoise/train.py "
-                        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                        + " ".join(f"--{k.replace('_', '-')} {_argument(v)}" for k, v in vars(args).items()
                                    if k != "evaluate_only" and v is not None)),
             "seed": args.seed,
             "threads": args.threads,
@@ -874,8 +894,10 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
                      f"(chest at heart level) rendered at {list(TRAIN_RENDER_MM)} mm (or, "
                      f"{TRAIN_COARSE_FRACTION:.0%} of slices, log-uniform in "
                      f"{list(TRAIN_RENDER_COARSE_MM)} mm) and scanned as if at {PIXEL_MM} mm "
-                     "(anatomy scale 0.18-1.4x), rotated 0-360 deg, flipped, with smooth "
-                     "soft-tissue texture (SD 0-15 HU), bone texture (SD 0-40 HU) and 3-14 random "
+                     "(anatomy scale 0.18-1.4x), rotated 0-360 deg, flipped, with "
+                     + (f"blood pools moved to a mean uniform in {args.blood_hu_range} HU, "
+                        if args.blood_hu_range else "")
+                     + "smooth soft-tissue texture (SD 0-15 HU), bone texture (SD 0-40 HU) and 3-14 random "
                      "extra blobs, rods and dots of -1000..1500 HU; each scanned once: Poisson "
                      f"noise on a 360-view parallel-beam sinogram at i0 log-uniform in "
                      f"{list(TRAIN_I0)}, FBP with a kernel drawn from {list(KERNELS)}; target the "
@@ -891,7 +913,7 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
                           + (f" + {args.ssim_weight:g} x {_SSIM_TO_MSE:.4g} x (1 - SSIM) (the metric's "
                              "SSIM on the patch)" if args.ssim_weight > 0 else "")
                           + (f" + {args.local_mean_weight:g} x the MSE of local means (Gaussian sigma "
-                             f"{LOCAL_MEAN_SIGMA_PX:g} px)" if args.local_mean_weight > 0 else "")
+                             f"{args.local_mean_sigma:g} px)" if args.local_mean_weight > 0 else "")
                           + "; random flips and transposes, gradient norm clipped at 1"),
             "parameters": n_params,
             "wall_time_s": {"data": round(t_data, 1), "training": round(t_train, 1),
@@ -899,6 +921,10 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
             "torch": str(torch.__version__),
         },
     }
+
+
+def _argument(value: object) -> str:
+    return " ".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
 
 
 if __name__ == "__main__":
