@@ -627,7 +627,9 @@ def train(args: argparse.Namespace, seed: int) -> tuple[nn.Module, float, float]
     running = 0.0
     for step in range(1, args.steps + 1):
         x, y = sample_patches(rng, data, args.batch, args.patch)
-        loss = loss_fn(model(x), y, args.ssim_weight, args.local_mean_weight, window)
+        loss = loss_fn(model(x), y, args.ssim_weight,
+                       args.local_mean_weight * min(1.0, step / args.local_mean_ramp)
+                       if args.local_mean_ramp else args.local_mean_weight, window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -663,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of the MSE of Gaussian local means (see LOCAL_MEAN_WEIGHT)")
     ap.add_argument("--local-mean-sigma", type=float, default=LOCAL_MEAN_SIGMA_PX,
                     help="sigma in pixels of those local means (window cut at 3 sigma)")
+    ap.add_argument("--local-mean-ramp", type=int, default=0, metavar="STEPS",
+                    help="raise the local-mean weight linearly from 0 over the first STEPS steps "
+                         "(0: full weight from the start, as every earlier run)")
     ap.add_argument("--noise-highpass-sigma", type=float, default=0.0,
                     help="remove the Gaussian local mean (sigma in pixels) from the predicted "
                          "noise inside the graph, so ROI means cannot shift (0: off, the committed model)")
@@ -913,7 +918,10 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
                           + (f" + {args.ssim_weight:g} x {_SSIM_TO_MSE:.4g} x (1 - SSIM) (the metric's "
                              "SSIM on the patch)" if args.ssim_weight > 0 else "")
                           + (f" + {args.local_mean_weight:g} x the MSE of local means (Gaussian sigma "
-                             f"{args.local_mean_sigma:g} px)" if args.local_mean_weight > 0 else "")
+                             f"{args.local_mean_sigma:g} px"
+                             + (f", weight ramped up from 0 over {args.local_mean_ramp} steps"
+                                if args.local_mean_ramp else "") + ")"
+                             if args.local_mean_weight > 0 else "")
                           + "; random flips and transposes, gradient norm clipped at 1"),
             "parameters": n_params,
             "wall_time_s": {"data": round(t_data, 1), "training": round(t_train, 1),
