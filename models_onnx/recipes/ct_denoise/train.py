@@ -254,6 +254,13 @@ def local_mean_window(sigma_px: float) -> torch.Tensor:
     return _LOCAL_MEAN_WINDOW if sigma_px == LOCAL_MEAN_SIGMA_PX else _gauss_window(sigma_px, int(np.ceil(3 * sigma_px)))
 
 
+def local_mean_weight_at(step: int, weight: float, ramp_steps: int) -> float:
+    """The local-mean weight at a 1-based step: linear from 0 over ramp_steps
+    (0: full from the start).  A heavy term from step 1 holds the net at the
+    identity, since every early change of the output moves some local mean."""
+    return weight * min(1.0, step / ramp_steps) if ramp_steps else weight
+
+
 def loss_fn(pred: torch.Tensor, ref: torch.Tensor, ssim_weight: float,
             local_mean_weight: float, window: torch.Tensor = _LOCAL_MEAN_WINDOW) -> torch.Tensor:
     """MSE plus the weighted (1 - SSIM) plus the weighted MSE of local means.
@@ -628,8 +635,7 @@ def train(args: argparse.Namespace, seed: int) -> tuple[nn.Module, float, float]
     for step in range(1, args.steps + 1):
         x, y = sample_patches(rng, data, args.batch, args.patch)
         loss = loss_fn(model(x), y, args.ssim_weight,
-                       args.local_mean_weight * min(1.0, step / args.local_mean_ramp)
-                       if args.local_mean_ramp else args.local_mean_weight, window)
+                       local_mean_weight_at(step, args.local_mean_weight, args.local_mean_ramp), window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -683,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="manifest of an earlier model (its ONNX beside it) to measure on the same "
                          "held-out sets in the same run, recorded as quality.previous_model")
     args = ap.parse_args(argv)
+    if args.local_mean_ramp and not 0 < args.local_mean_ramp <= args.steps:
+        ap.error(f"--local-mean-ramp {args.local_mean_ramp}: must be 1..--steps ({args.steps})")
+    if args.local_mean_ramp and args.local_mean_weight <= 0:
+        ap.error("--local-mean-ramp needs --local-mean-weight > 0 (there is no term to ramp)")
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -797,6 +807,15 @@ def write_manifest(manifest: dict, path: Path) -> None:
     text = text.replace("  size_multiple:", why + "  size_multiple:", 1)
     path.write_text("# Written by models_onnx/recipes/ct_denoise/train.py; do not edit by hand.\n"
                     + text, encoding="utf-8")
+
+
+def _local_mean_description(args: argparse.Namespace) -> str:
+    if args.local_mean_weight <= 0:
+        return ""
+    ramp = (f", weight ramped up from 0 over {args.local_mean_ramp} steps"
+            if args.local_mean_ramp else "")
+    return (f" + {args.local_mean_weight:g} x the MSE of local means "
+            f"(Gaussian sigma {args.local_mean_sigma:g} px{ramp})")
 
 
 def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dict, independent: dict,
@@ -917,11 +936,7 @@ def build_manifest(args: argparse.Namespace, seeds: dict[str, int], quality: dic
                           f"{args.batch} patches of {args.patch}x{args.patch}; loss MSE on normalised HU"
                           + (f" + {args.ssim_weight:g} x {_SSIM_TO_MSE:.4g} x (1 - SSIM) (the metric's "
                              "SSIM on the patch)" if args.ssim_weight > 0 else "")
-                          + (f" + {args.local_mean_weight:g} x the MSE of local means (Gaussian sigma "
-                             f"{args.local_mean_sigma:g} px"
-                             + (f", weight ramped up from 0 over {args.local_mean_ramp} steps"
-                                if args.local_mean_ramp else "") + ")"
-                             if args.local_mean_weight > 0 else "")
+                          + _local_mean_description(args)
                           + "; random flips and transposes, gradient norm clipped at 1"),
             "parameters": n_params,
             "wall_time_s": {"data": round(t_data, 1), "training": round(t_train, 1),
